@@ -1,0 +1,301 @@
+"""Settings, read once from the environment into an immutable object.
+
+Nothing here reads ``os.environ`` at import time: ``load_settings(environ)``
+is called by the entry points (app factory, tasks, tests) with the mapping
+they want, so tests can build settings from a plain dict.
+"""
+
+import base64
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENTS = ("development", "test", "production")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+URL_SCHEMES = ("postgresql", "postgres", "sqlite")
+
+DEFAULT_ENV = "development"
+DEFAULT_SQLITE_FILE = "hoardrun.db"
+DEFAULT_POOL_SIZE = 20
+DEFAULT_MAX_OVERFLOW = 30
+DEFAULT_POOL_TIMEOUT = 30.0
+DEFAULT_POOL_RECYCLE = 3600
+DEFAULT_POOL_PRE_PING = True
+DEFAULT_ECHO = False
+DEFAULT_SSL_MODE = "prefer"
+DEFAULT_CONNECT_TIMEOUT = 10
+DEFAULT_COMMAND_TIMEOUT = 60
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_TOKEN_TTL = 24 * 3600
+DEFAULT_SECRETS_FILE = ".hoardrun-secrets.json"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service is configured with; built by ``load_settings``."""
+
+    env: str = DEFAULT_ENV
+    database_url: str = f"sqlite:///{DEFAULT_SQLITE_FILE}"
+    database_url_is_default: bool = True
+    pool_size: int = DEFAULT_POOL_SIZE
+    max_overflow: int = DEFAULT_MAX_OVERFLOW
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    pool_recycle: int = DEFAULT_POOL_RECYCLE
+    pool_pre_ping: bool = DEFAULT_POOL_PRE_PING
+    echo: bool = DEFAULT_ECHO
+    ssl_mode: str = DEFAULT_SSL_MODE
+    ssl_root_cert: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+    ssl_crl: str | None = None
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT
+    command_timeout: int = DEFAULT_COMMAND_TIMEOUT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    token_ttl: int = DEFAULT_TOKEN_TTL
+    cors_origins: tuple = ()
+    secret_key: str = field(default="", repr=False)
+    card_keys: tuple = field(default=(), repr=False)
+
+    @property
+    def is_production(self):
+        return self.env == "production"
+
+    @property
+    def is_postgres(self):
+        return self.database_url.startswith(("postgresql:", "postgres:"))
+
+    @property
+    def max_connections(self):
+        """peewee's pool has one bound: our size plus overflow."""
+        return self.pool_size + self.max_overflow
+
+    @property
+    def masked_database_url(self):
+        return mask_url(self.database_url)
+
+    def replace(self, **changes):
+        """Return a copy with ``changes`` applied (tests pin settings this way)."""
+        return replace(self, **changes)
+
+
+def mask_url(url):
+    """Return ``url`` with any user and password replaced by ``***``.
+
+    ``postgresql://u:pw@host:5432/db`` becomes ``postgresql://***@host:5432/db``.
+    Query-string secrets (``password=``, ``sslpassword=``) are masked too.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        (k + "=***") if "pass" in k.lower() else (k + ("=" + v if sep else ""))
+        for k, sep, v in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _bad(name, value, allowed):
+    shown = value if "URL" not in name else mask_url(value)
+    return ConfigError(f"{name}={shown!r} is not valid: expected {allowed}")
+
+
+def _int(environ, name, default, minimum=0):
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise _bad(name, raw, f"an integer >= {minimum}") from None
+    if value < minimum:
+        raise _bad(name, raw, f"an integer >= {minimum}")
+    return value
+
+
+def _float(environ, name, default, minimum=0.0):
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise _bad(name, raw, f"a number of seconds >= {minimum:g}") from None
+    if not value >= minimum or value == float("inf"):
+        raise _bad(name, raw, f"a number of seconds >= {minimum:g}")
+    return value
+
+
+def _bool(environ, name, default):
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise _bad(name, raw, "one of true/false, 1/0, yes/no, on/off")
+
+
+def _choice(environ, name, default, allowed):
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in allowed:
+        raise _bad(name, raw, "one of " + ", ".join(allowed))
+    return value
+
+
+def _database_url(environ, env):
+    raw = (environ.get("DATABASE_URL") or "").strip()
+    if not raw:
+        if env == "production":
+            raise ConfigError(
+                "DATABASE_URL is not set: production requires a postgresql:// URL")
+        return f"sqlite:///{DEFAULT_SQLITE_FILE}", True
+    scheme = raw.split(":", 1)[0].lower() if ":" in raw else ""
+    if scheme not in URL_SCHEMES:
+        raise _bad("DATABASE_URL", raw, "a postgresql://… or sqlite:///path URL")
+    if env == "production" and scheme == "sqlite":
+        raise _bad("DATABASE_URL", raw, "a postgresql://… URL in production")
+    if scheme == "sqlite" and not raw.startswith("sqlite:///"):
+        raise _bad("DATABASE_URL", raw, "sqlite:///relative/path, sqlite:////absolute/path "
+                   "or sqlite:///:memory:")
+    if scheme != "sqlite":
+        parts = urlsplit(raw)
+        if not parts.hostname and not parts.path.strip("/"):
+            raise _bad("DATABASE_URL", raw, "postgresql://user@host:port/database")
+        try:
+            parts.port
+        except ValueError:
+            raise _bad("DATABASE_URL", raw, "a port between 1 and 65535") from None
+    return raw, False
+
+
+def _origins(environ):
+    raw = environ.get("HOARDRUN_CORS_ORIGINS", "")
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise _bad("HOARDRUN_CORS_ORIGINS", raw,
+                       "a comma-separated list of http(s)://host[:port] origins or *")
+    return origins
+
+
+def _card_keys(raw, name):
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    for key in keys:
+        try:
+            ok = len(base64.urlsafe_b64decode(key.encode())) == 32
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            # Never echo a key, even a broken one.
+            raise ConfigError(f"{name} is not valid: expected comma-separated "
+                              "url-safe base64 Fernet keys of 32 bytes")
+    return keys
+
+
+def new_card_key():
+    """Return a fresh card-encryption key (url-safe base64 of 32 random bytes)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+def _development_secrets(path):
+    """Read, or create once, the local secrets file used outside production.
+
+    Keeping them in a file (ignored by git) means card numbers encrypted
+    yesterday still decrypt today without anyone exporting a variable.
+    """
+    path = Path(path)
+    data = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ConfigError(f"{path} is not a readable secrets file: "
+                              "fix or delete it (encrypted card numbers need the old key)") from None
+    changed = False
+    if not data.get("secret_key"):
+        data["secret_key"] = secrets.token_urlsafe(48)
+        changed = True
+    if not data.get("card_key"):
+        data["card_key"] = new_card_key()
+        changed = True
+    if changed:
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        try:
+            os.chmod(path, 0o600)
+        except OSError:  # NOTE: Windows ignores POSIX modes; the file stays ACL-protected.
+            pass
+        log.info("generated development secrets in %s", path)
+    return data["secret_key"], data["card_key"]
+
+
+def load_settings(environ=None):
+    """Build ``Settings`` from ``environ`` (``os.environ`` when omitted).
+
+    Raises ``ConfigError`` with one line naming the variable, the value and
+    what is allowed.
+    """
+    environ = os.environ if environ is None else environ
+    env = _choice(environ, "HOARDRUN_ENV", DEFAULT_ENV, ENVIRONMENTS)
+    url, url_is_default = _database_url(environ, env)
+
+    secret_key = (environ.get("HOARDRUN_SECRET_KEY") or "").strip()
+    card_raw = (environ.get("HOARDRUN_CARD_ENCRYPTION_KEYS") or "").strip()
+    if env == "production":
+        if len(secret_key) < 32:
+            raise ConfigError("HOARDRUN_SECRET_KEY is not valid: production requires "
+                              "a secret of at least 32 characters")
+        if not card_raw:
+            raise ConfigError("HOARDRUN_CARD_ENCRYPTION_KEYS is not set: production "
+                              "requires at least one card-encryption key")
+    if not secret_key or not card_raw:
+        file_secret, file_card = _development_secrets(
+            environ.get("HOARDRUN_SECRETS_FILE") or DEFAULT_SECRETS_FILE)
+        secret_key = secret_key or file_secret
+        card_raw = card_raw or file_card
+
+    settings = Settings(
+        env=env,
+        database_url=url,
+        database_url_is_default=url_is_default,
+        pool_size=_int(environ, "DATABASE_POOL_SIZE", DEFAULT_POOL_SIZE, minimum=1),
+        max_overflow=_int(environ, "DATABASE_MAX_OVERFLOW", DEFAULT_MAX_OVERFLOW),
+        pool_timeout=_float(environ, "DATABASE_POOL_TIMEOUT", DEFAULT_POOL_TIMEOUT),
+        pool_recycle=_int(environ, "DATABASE_POOL_RECYCLE", DEFAULT_POOL_RECYCLE, minimum=1),
+        pool_pre_ping=_bool(environ, "DATABASE_POOL_PRE_PING", DEFAULT_POOL_PRE_PING),
+        echo=_bool(environ, "DATABASE_ECHO", DEFAULT_ECHO),
+        ssl_mode=_choice(environ, "DATABASE_SSL_MODE", DEFAULT_SSL_MODE, SSL_MODES),
+        ssl_root_cert=environ.get("DATABASE_SSL_ROOT_CERT") or None,
+        ssl_cert=environ.get("DATABASE_SSL_CERT") or None,
+        ssl_key=environ.get("DATABASE_SSL_KEY") or None,
+        ssl_crl=environ.get("DATABASE_SSL_CRL") or None,
+        connect_timeout=_int(environ, "DATABASE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT,
+                             minimum=1),
+        command_timeout=_int(environ, "DATABASE_COMMAND_TIMEOUT", DEFAULT_COMMAND_TIMEOUT),
+        max_body_bytes=_int(environ, "HOARDRUN_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES,
+                            minimum=1),
+        token_ttl=_int(environ, "HOARDRUN_TOKEN_TTL", DEFAULT_TOKEN_TTL, minimum=60),
+        cors_origins=_origins(environ),
+        secret_key=secret_key,
+        card_keys=_card_keys(card_raw, "HOARDRUN_CARD_ENCRYPTION_KEYS"),
+    )
+    return settings

@@ -1,0 +1,278 @@
+"""The one database object, its pool, timeouts and health information.
+
+``db`` is a proxy bound by ``init_db(settings)`` to either a pooled
+PostgreSQL database or a pooled SQLite file. Connections are opened lazily
+by peewee on first use and handed back by the request middleware, so a
+request that never touches the database never checks one out.
+"""
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import peewee as pw
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
+
+log = logging.getLogger(__name__)
+
+db = pw.DatabaseProxy()
+
+# A connection that came back to the pool less than this long ago is handed
+# out without a liveness round trip (PERFORMANCE.md: pinging every checkout
+# costs a round trip per request for no gain).
+PRE_PING_IDLE_SECONDS = 1.0
+
+#: Errors that mean "the database is not there right now" (503, not 500).
+UNAVAILABLE_ERRORS = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExceeded)
+
+
+class UTCDateTimeField(pw.Field):
+    """A timezone-aware UTC timestamp: TIMESTAMPTZ on PostgreSQL.
+
+    SQLite keeps ISO text; values written there are always UTC, so they sort
+    and compare correctly as text.
+    """
+
+    field_type = "TIMESTAMPTZ"
+
+    def db_value(self, value):
+        if value is None or not isinstance(value, datetime):
+            return value
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(timezone.utc)
+        if isinstance(db.obj, pw.SqliteDatabase):
+            # One fixed text shape, so SQLite compares timestamps correctly.
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return value
+
+    def python_value(self, value):
+        return to_utc(value)
+
+
+def to_utc(value):
+    """Return ``value`` (datetime or SQLite text) as an aware UTC datetime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class _PrePingMixin:
+    """Pool behaviour shared by both backends.
+
+    * ``pool_size`` connections are kept idle; up to ``max_overflow`` more may
+      be opened under load and are closed when handed back.
+    * A connection idle for over ``PRE_PING_IDLE_SECONDS`` is pinged before
+      reuse, so a restarted server costs no failed request.
+    """
+
+    def __init__(self, *args, pool_size=20, pre_ping=True, **kwargs):
+        self.pool_size = pool_size
+        self.pre_ping = pre_ping
+        self._returned_at = {}
+        super().__init__(*args, **kwargs)
+
+    def _is_closed(self, conn):
+        key = self.conn_key(conn)
+        returned = self._returned_at.pop(key, None)
+        if self._raw_is_closed(conn):
+            return True
+        if not self.pre_ping or returned is None:
+            return False
+        if time.monotonic() - returned < PRE_PING_IDLE_SECONDS:
+            return False
+        return not self._ping(conn)
+
+    def _close(self, conn, close_conn=False):
+        key = self.conn_key(conn)
+        with self._pool_lock:
+            if not close_conn and key in self._in_use and len(self._connections) >= self.pool_size:
+                # Overflow connection: close it rather than keep it idle.
+                close_conn = True
+            super()._close(conn, close_conn=close_conn)
+            if not close_conn:
+                self._returned_at[key] = time.monotonic()
+            else:
+                self._returned_at.pop(key, None)
+
+    def pool_info(self):
+        """Live pool numbers, read from the pool itself."""
+        with self._pool_lock:
+            checked_in = len(self._connections)
+            checked_out = len(self._in_use)
+        return {
+            "pool_size": self.pool_size,
+            "checked_in": checked_in,
+            "checked_out": checked_out,
+            "overflow": max(0, checked_in + checked_out - self.pool_size),
+            "max_connections": self._max_connections,
+        }
+
+
+class PostgresDatabase(_PrePingMixin, PooledPostgresqlDatabase):
+    """Pooled PostgreSQL with pre-ping and overflow."""
+
+    def _raw_is_closed(self, conn):
+        from psycopg2 import extensions
+        return bool(conn.closed) or (
+            conn.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN)
+
+    def _ping(self, conn):
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            conn.rollback()
+            return True
+        except Exception:  # any driver error means the connection is unusable
+            log.info("discarding a pooled connection that failed its liveness check")
+            return False
+
+    def server_version_string(self):
+        return self.execute_sql("SELECT version()").fetchone()[0]
+
+
+class SqliteDatabase(_PrePingMixin, PooledSqliteDatabase):
+    """Pooled SQLite file (WAL, foreign keys on, busy timeout)."""
+
+    def _raw_is_closed(self, conn):
+        try:
+            conn.total_changes
+        except Exception:
+            return True
+        return False
+
+    def _ping(self, conn):
+        return True
+
+    def server_version_string(self):
+        return "SQLite " + self.execute_sql("SELECT sqlite_version()").fetchone()[0]
+
+
+def _postgres_params(settings):
+    parts = urlsplit(settings.database_url)
+    params = {
+        "host": parts.hostname or None,
+        "port": parts.port or 5432,
+        "user": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "sslmode": settings.ssl_mode,
+        "connect_timeout": settings.connect_timeout,
+        "application_name": "hoardrun",
+        # UTC sessions: timestamps are read back in UTC; the statement
+        # timeout is enforced by the server, so a runaway query is cancelled
+        # even if this process is stuck.
+        "options": f"-c timezone=UTC -c statement_timeout={settings.command_timeout * 1000}",
+    }
+    for key, value in (("sslrootcert", settings.ssl_root_cert), ("sslcert", settings.ssl_cert),
+                       ("sslkey", settings.ssl_key), ("sslcrl", settings.ssl_crl)):
+        if value:
+            params[key] = value
+    # Query-string parameters (e.g. ?host=/var/run/postgresql) are passed on,
+    # but explicit settings win.
+    for key, value in parse_qsl(parts.query):
+        params.setdefault(key, value)
+    return unquote(parts.path.lstrip("/")) or "postgres", {k: v for k, v in params.items()
+                                                           if v is not None}
+
+
+def sqlite_path(url):
+    """The file path in a ``sqlite:///path`` URL (``:memory:`` kept as is)."""
+    return url[len("sqlite:///"):] or ":memory:"
+
+
+def build_database(settings):
+    """Create (but do not connect) the database object ``settings`` describe."""
+    if settings.is_postgres:
+        name, params = _postgres_params(settings)
+        database = PostgresDatabase(
+            name,
+            pool_size=settings.pool_size,
+            pre_ping=settings.pool_pre_ping,
+            max_connections=settings.max_connections,
+            stale_timeout=settings.pool_recycle,
+            timeout=settings.pool_timeout or None,
+            autorollback=False,
+            **params,
+        )
+    else:
+        database = SqliteDatabase(
+            sqlite_path(settings.database_url),
+            pool_size=settings.pool_size,
+            pre_ping=settings.pool_pre_ping,
+            max_connections=settings.max_connections,
+            stale_timeout=settings.pool_recycle,
+            timeout=settings.pool_timeout or None,
+            check_same_thread=False,
+            pragmas={
+                "journal_mode": "wal",
+                "foreign_keys": 1,
+                "busy_timeout": int(max(settings.pool_timeout, 1) * 1000),
+                "synchronous": "normal",
+            },
+        )
+    return database
+
+
+_echo_lock = threading.Lock()
+
+
+def init_db(settings):
+    """Build the database for ``settings``, bind ``db`` to it and return it."""
+    if settings.database_url_is_default:
+        log.info("DATABASE_URL is not set: using the embedded SQLite file %s",
+                 sqlite_path(settings.database_url))
+    database = build_database(settings)
+    with _echo_lock:
+        logging.getLogger("peewee").setLevel(logging.DEBUG if settings.echo else logging.WARNING)
+    db.initialize(database)
+    return database
+
+
+def close_db():
+    """Close every pooled connection (used at shutdown and between tests)."""
+    database = db.obj
+    if database is not None:
+        database.close_all()
+
+
+def release_connection():
+    """Hand this thread's connection back to the pool, if it holds one."""
+    database = db.obj
+    if database is not None and not database.is_closed():
+        database.close()
+
+
+def server_version():
+    """The server's version string, e.g. ``PostgreSQL 15.19 …`` or ``SQLite 3.40.1``."""
+    return db.obj.server_version_string()
+
+
+def pool_info():
+    """``{pool_size, checked_in, checked_out, overflow}`` read from the live pool."""
+    info = db.obj.pool_info()
+    return {k: info[k] for k in ("pool_size", "checked_in", "checked_out", "overflow")}
+
+
+def is_postgres():
+    """True when ``db`` is bound to PostgreSQL."""
+    return isinstance(db.obj, pw.PostgresqlDatabase)
+
+
+def ssl_in_use():
+    """Whether this session's connection to the server is encrypted (None on SQLite)."""
+    if not is_postgres():
+        return None
+    row = db.execute_sql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+    return bool(row and row[0])
