@@ -72,3 +72,7 @@ class ReversalNotAllowed(LedgerError):
 
 class DatabaseUnavailable(HoardRunError):
     code, status, title = "database-unavailable", 503, "Database unavailable"
+
+
+class DecryptionError(HoardRunError):
+    code, status, title = "decryption-error", 500, "Stored data could not be decrypted"
