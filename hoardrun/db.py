@@ -215,6 +215,9 @@ def build_database(settings):
             stale_timeout=settings.pool_recycle,
             timeout=settings.pool_timeout or None,
             check_same_thread=False,
+            # Every write transaction takes the write lock up front, so two
+            # writers never deadlock upgrading a read lock (ledger rule 2).
+            lock_type="IMMEDIATE",
             pragmas={
                 "journal_mode": "wal",
                 "foreign_keys": 1,
@@ -238,6 +241,15 @@ def init_db(settings):
         logging.getLogger("peewee").setLevel(logging.DEBUG if settings.echo else logging.WARNING)
     db.initialize(database)
     return database
+
+
+def driver_error(exc):
+    """The psycopg2/sqlite3 exception behind a peewee error (it carries pgcode, diag)."""
+    for candidate in (getattr(exc, "orig", None), *(exc.args[:1]), exc.__cause__,
+                      exc.__context__):
+        if candidate is not None and not isinstance(candidate, str):
+            return candidate
+    return exc
 
 
 def close_db():

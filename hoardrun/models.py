@@ -271,7 +271,9 @@ class Transaction(BaseModel):
     transfer = pw.ForeignKeyField(Transfer, null=True, backref="entries", on_delete="RESTRICT")
     p2p = pw.ForeignKeyField(P2PTransaction, null=True, backref="entries",
                              on_delete="RESTRICT", column_name="p2p_id")
-    reverses = pw.ForeignKeyField("self", null=True, backref="reversals", on_delete="RESTRICT")
+    # UNIQUE: an entry is reversed at most once, whoever races to do it.
+    reverses = pw.ForeignKeyField("self", null=True, unique=True, backref="reversals",
+                                  on_delete="RESTRICT")
     reference = pw.CharField(max_length=48, unique=True)
     status = pw.CharField(max_length=16, default="completed",
                           constraints=[SQL("DEFAULT 'completed'")])

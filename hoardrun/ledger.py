@@ -1,0 +1,443 @@
+"""Every money movement goes through here, in one database transaction.
+
+Each movement posts exactly two immutable entries (double entry) that share
+a ``movement_id``: the account debited gets an outbound entry, the account
+credited an inbound one, each with the balance it left behind. Deposits and
+withdrawals post against the currency's settlement account, so every
+currency sums to zero over all accounts.
+
+PostgreSQL: one call to a reviewed PL/pgSQL function (migration 002) that
+locks both accounts FOR UPDATE in id order, checks the rules under the lock
+and writes everything: one round trip, one implicit transaction.
+SQLite: the same rules in Python under BEGIN IMMEDIATE (the write lock up
+front). The same tests run against both.
+"""
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import peewee as pw
+
+from . import errors
+from .db import db, driver_error, is_postgres, to_utc
+from .money import MAX_MINOR_UNITS
+
+# SQLSTATEs raised by the ledger functions, mapped to the domain errors.
+_PG_ERRORS = {
+    "HR001": errors.InsufficientFunds,
+    "HR002": errors.AccountNotActive,
+    "HR003": errors.CurrencyMismatch,
+    "HR004": errors.SameAccount,
+    "HR005": errors.ReversalNotAllowed,
+    "HR404": errors.NotFound,
+}
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One side of a posting: the account, its new entry and its balance after."""
+
+    account_id: uuid.UUID
+    entry_id: uuid.UUID
+    balance_after: int
+
+
+@dataclass(frozen=True)
+class Posting:
+    """What one money movement wrote."""
+
+    movement_id: uuid.UUID
+    currency: str
+    amount: int
+    debit: Leg
+    credit: Leg
+    posted_at: datetime
+
+
+def new_reference(prefix, ident):
+    """A unique, human-quotable reference derived from a movement's id."""
+    return f"{prefix}-{ident.hex.upper()}"
+
+
+def _check_amount(amount):
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise errors.AmountError("amount must be an integer number of minor units",
+                                 field="amount")
+    if amount <= 0:
+        raise errors.AmountError("amount must be greater than zero", field="amount")
+    if amount > MAX_MINOR_UNITS:
+        raise errors.AmountError("amount is too large", field="amount")
+
+
+def _uuid(value, field):
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise errors.NotFound(f"{field} not found", field=field) from None
+
+
+# --------------------------------------------------------------------------
+# Public operations
+# --------------------------------------------------------------------------
+
+def deposit(account_id, amount, *, user_id=None, currency=None, description=None):
+    """Credit ``account_id`` with ``amount`` from the outside world.
+
+    ``user_id``, when given, must own the account (else NotFound); ``currency``,
+    when given, must be the account's.
+    """
+    _check_amount(amount)
+    return _backend().cash(uuid.uuid4(), _opt_uuid(user_id), _uuid(account_id, "account_id"),
+                           amount, currency, True, description)
+
+
+def withdraw(account_id, amount, *, user_id=None, currency=None, description=None):
+    """Debit ``account_id`` by ``amount`` to the outside world (overdraft rule applies)."""
+    _check_amount(amount)
+    return _backend().cash(uuid.uuid4(), _opt_uuid(user_id), _uuid(account_id, "account_id"),
+                           amount, currency, False, description)
+
+
+def transfer(user_id, from_account_id, to_account_id, amount, *, currency=None,
+             description=None):
+    """Move ``amount`` between two accounts both owned by ``user_id``.
+
+    Writes a Transfer row and its two entries; the Posting's movement_id is
+    the transfer's id.
+    """
+    _check_amount(amount)
+    from_id = _uuid(from_account_id, "from_account_id")
+    to_id = _uuid(to_account_id, "to_account_id")
+    if from_id == to_id:
+        raise errors.SameAccount("cannot transfer to the same account", field="to_account_id")
+    transfer_id = uuid.uuid4()
+    return _backend().transfer(transfer_id, _uuid(user_id, "user_id"), from_id, to_id, amount,
+                               currency, new_reference("TRF", transfer_id), description)
+
+
+def p2p_payment(sender_id, sender_account_id, recipient_account_id, amount, *, currency=None,
+                note=None):
+    """Pay another user: from the sender's account into the recipient's account.
+
+    Writes a P2PTransaction row and its two entries; the Posting's movement_id
+    is the payment's id. Paying yourself is refused.
+    """
+    _check_amount(amount)
+    payment_id = uuid.uuid4()
+    return _backend().p2p(payment_id, _uuid(sender_id, "sender_id"),
+                          _uuid(sender_account_id, "account_id"),
+                          _uuid(recipient_account_id, "recipient"), amount, currency,
+                          new_reference("P2P", payment_id), note)
+
+
+def reverse(entry_id, *, description=None):
+    """Undo the movement ``entry_id`` belongs to with a new, reversing pair.
+
+    Each reversing entry points at the entry it reverses; an entry can be
+    reversed once. Frozen accounts may be reversed into or out of; closed
+    ones may not.
+    """
+    return _backend().reverse(_uuid(entry_id, "entry_id"), uuid.uuid4(),
+                              description or "Reversal")
+
+
+def verify():
+    """Check the books; return a list of problems (empty when they balance).
+
+    1. each account's balance equals the signed sum of its entries;
+    2. each movement's entries sum to zero, and every transfer and P2P payment
+       has exactly two entries of equal amount and opposite direction;
+    3. every currency sums to zero over all accounts;
+    4. no customer balance is below its overdraft limit.
+    """
+    problems = []
+    signed = "CASE t.direction WHEN 'inbound' THEN t.amount ELSE -t.amount END"
+    for account_id, balance, total in db.execute_sql(
+            f"SELECT a.id, a.balance, COALESCE(SUM({signed}), 0) FROM accounts a "
+            "LEFT JOIN transactions t ON t.account_id = a.id "
+            f"GROUP BY a.id, a.balance HAVING a.balance <> COALESCE(SUM({signed}), 0)"):
+        problems.append(f"account {account_id}: balance {balance} but entries sum to {total}")
+    for movement_id, total, count in db.execute_sql(
+            f"SELECT t.movement_id, SUM({signed}), COUNT(*) FROM transactions t "
+            f"GROUP BY t.movement_id HAVING SUM({signed}) <> 0 OR COUNT(*) < 2"):
+        problems.append(f"movement {movement_id}: {count} entries summing to {total}, not zero")
+    for table, column in (("transfers", "transfer_id"), ("p2p_transactions", "p2p_id")):
+        for row_id, count, inbound, outbound in db.execute_sql(
+                f"SELECT m.id, COUNT(t.id), "
+                f"SUM(CASE WHEN t.direction = 'inbound' AND t.amount = m.amount THEN 1 ELSE 0 END), "
+                f"SUM(CASE WHEN t.direction = 'outbound' AND t.amount = m.amount THEN 1 ELSE 0 END) "
+                f"FROM {table} m LEFT JOIN transactions t "
+                f"ON t.{column} = m.id AND t.movement_id = m.id "
+                f"WHERE m.status = 'completed' GROUP BY m.id "
+                f"HAVING COUNT(t.id) <> 2 OR SUM(CASE WHEN t.direction = 'inbound' "
+                f"AND t.amount = m.amount THEN 1 ELSE 0 END) <> 1"):
+            problems.append(f"{table} {row_id}: {count} entries ({inbound or 0} in, "
+                            f"{outbound or 0} out), expected one of each for its amount")
+    for currency, total in db.execute_sql(
+            "SELECT currency, SUM(balance) FROM accounts GROUP BY currency "
+            "HAVING SUM(balance) <> 0"):
+        problems.append(f"currency {currency}: balances sum to {total}, not zero")
+    for account_id, balance, limit in db.execute_sql(
+            "SELECT id, balance, overdraft_limit FROM accounts "
+            "WHERE type <> 'settlement' AND balance < -overdraft_limit"):
+        problems.append(f"account {account_id}: balance {balance} below overdraft limit {limit}")
+    return problems
+
+
+def settlement_account_id(currency):
+    """The id of ``currency``'s settlement account, creating it on first use."""
+    return _backend().settlement_account(currency)
+
+
+def _opt_uuid(value):
+    return None if value is None else _uuid(value, "user_id")
+
+
+def _backend():
+    return _POSTGRES if is_postgres() else _SQLITE
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL: one function call per movement
+# --------------------------------------------------------------------------
+
+def _hex(value):
+    return None if value is None else value.hex
+
+
+class _PostgresLedger:
+    def _call(self, function, *args):
+        sql = f"SELECT * FROM {function}({', '.join(['%s'] * len(args))})"
+        try:
+            row = db.execute_sql(sql, args).fetchone()
+        except pw.DatabaseError as exc:
+            raise _translate_pg(exc) from None
+        return _posting(row)
+
+    def cash(self, movement_id, user_id, account_id, amount, currency, inbound, description):
+        return self._call("hoardrun_cash", movement_id.hex, _hex(user_id), account_id.hex,
+                          amount, currency, inbound, description)
+
+    def transfer(self, transfer_id, user_id, from_id, to_id, amount, currency, reference,
+                 description):
+        return self._call("hoardrun_transfer", transfer_id.hex, user_id.hex, from_id.hex,
+                          to_id.hex, amount, currency, reference, description)
+
+    def p2p(self, payment_id, sender_id, sender_account, recipient_account, amount, currency,
+            reference, note):
+        return self._call("hoardrun_p2p", payment_id.hex, sender_id.hex, sender_account.hex,
+                          recipient_account.hex, amount, currency, reference, note)
+
+    def reverse(self, entry_id, movement_id, description):
+        # A racing second reversal trips the UNIQUE(reverses_id) index: see _translate_pg.
+        return self._call("hoardrun_reverse", entry_id.hex, movement_id.hex, description)
+
+    def settlement_account(self, currency):
+        row = db.execute_sql("SELECT hoardrun_settlement_account(%s)", (currency,)).fetchone()
+        return uuid.UUID(str(row[0]))
+
+
+def _translate_pg(exc):
+    """Turn a database error from a ledger function into a domain error."""
+    orig = driver_error(exc)
+    code = getattr(orig, "pgcode", None)
+    diag = getattr(orig, "diag", None)
+    message = getattr(diag, "message_primary", None) or str(orig)
+    if code in _PG_ERRORS:
+        return _PG_ERRORS[code](message)
+    if code == "23505" and "reverses" in (getattr(diag, "constraint_name", "") or ""):
+        return errors.ReversalNotAllowed("already reversed")
+    if code == "23514" and "balance_floor" in (getattr(diag, "constraint_name", "") or ""):
+        return errors.InsufficientFunds("insufficient funds")
+    if code == "23503":
+        return errors.NotFound("account not found")
+    return exc
+
+
+def _posting(row):
+    (movement_id, currency, amount, debit_account, debit_entry, debit_balance,
+     credit_account, credit_entry, credit_balance, posted_at) = row
+    return Posting(
+        movement_id=uuid.UUID(str(movement_id)), currency=currency, amount=int(amount),
+        debit=Leg(uuid.UUID(str(debit_account)), uuid.UUID(str(debit_entry)), int(debit_balance)),
+        credit=Leg(uuid.UUID(str(credit_account)), uuid.UUID(str(credit_entry)),
+                   int(credit_balance)),
+        posted_at=to_utc(posted_at),
+    )
+
+
+# --------------------------------------------------------------------------
+# SQLite: the same rules in Python, under BEGIN IMMEDIATE
+# --------------------------------------------------------------------------
+
+_ACCOUNT_COLUMNS = "id, user_id, type, status, currency, balance, overdraft_limit"
+
+
+@dataclass
+class _Row:
+    id: str
+    user_id: str
+    type: str
+    status: str
+    currency: str
+    balance: int
+    overdraft_limit: int
+
+
+class _SqliteLedger:
+    def _account(self, account_id):
+        row = db.execute_sql(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?",
+                             (account_id.hex,)).fetchone()
+        return _Row(*row) if row else None
+
+    def _lock_pair(self, debit_id, credit_id, amount, currency, allow_frozen=False):
+        # BEGIN IMMEDIATE already holds the database's write lock: no row
+        # locks exist in SQLite, and none are needed.
+        if debit_id == credit_id:
+            raise errors.SameAccount("source and destination are the same account")
+        debit, credit = self._account(debit_id), self._account(credit_id)
+        if debit is None or credit is None:
+            raise errors.NotFound("account not found")
+        for acc in (debit, credit):
+            if acc.status != "active" and not (allow_frozen and acc.status == "suspended"):
+                raise errors.AccountNotActive(f"account {uuid.UUID(acc.id)} is {acc.status}")
+        if debit.currency != credit.currency or (currency is not None
+                                                 and currency != debit.currency):
+            shown = f" / requested {currency}" if currency else ""
+            raise errors.CurrencyMismatch(
+                f"currency mismatch: {debit.currency} / {credit.currency}{shown}")
+        if debit.type != "settlement" and debit.balance - amount < -debit.overdraft_limit:
+            raise errors.InsufficientFunds("insufficient funds")
+        return debit, credit
+
+    def _apply_pair(self, movement_id, debit, credit, amount, debit_type, credit_type,
+                    description, transfer_id=None, p2p_id=None, reverses=(None, None)):
+        now = datetime.now(timezone.utc)
+        stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f")
+        debit_balance = debit.balance - amount
+        credit_balance = credit.balance + amount
+        db.execute_sql("UPDATE accounts SET balance = ?, updated_at = ? WHERE id = ?",
+                       (debit_balance, stamp, debit.id))
+        db.execute_sql("UPDATE accounts SET balance = ?, updated_at = ? WHERE id = ?",
+                       (credit_balance, stamp, credit.id))
+        debit_entry, credit_entry = uuid.uuid4(), uuid.uuid4()
+        for entry, acc, kind, direction, balance, reverses_id in (
+                (debit_entry, debit, debit_type, "outbound", debit_balance, reverses[0]),
+                (credit_entry, credit, credit_type, "inbound", credit_balance, reverses[1])):
+            db.execute_sql(
+                "INSERT INTO transactions (id, account_id, movement_id, type, direction, amount, "
+                "currency, balance_after, description, transfer_id, p2p_id, reverses_id, "
+                "reference, status, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?)",
+                (entry.hex, acc.id, movement_id.hex, kind, direction, amount, acc.currency,
+                 balance, description, _hex(transfer_id), _hex(p2p_id), reverses_id,
+                 "E" + entry.hex, stamp))
+        return Posting(movement_id, debit.currency, amount,
+                       Leg(uuid.UUID(debit.id), debit_entry, debit_balance),
+                       Leg(uuid.UUID(credit.id), credit_entry, credit_balance), now)
+
+    def settlement_account(self, currency):
+        row = db.execute_sql("SELECT id FROM accounts WHERE type = 'settlement' AND currency = ?",
+                             (currency,)).fetchone()
+        if row:
+            return uuid.UUID(row[0])
+        new_id = uuid.uuid4()
+        number = "99" + "".join(str(ord(ch)) for ch in currency)
+        db.execute_sql(
+            "INSERT INTO accounts (id, user_id, account_number, name, type, status, currency) "
+            "VALUES (?, NULL, ?, ?, 'settlement', 'active', ?) ON CONFLICT DO NOTHING",
+            (new_id.hex, number, f"Settlement {currency}", currency))
+        return self.settlement_account(currency)
+
+    def cash(self, movement_id, user_id, account_id, amount, currency, inbound, description):
+        with db.atomic():
+            acc = self._account(account_id)
+            if acc is None or acc.type == "settlement" or (
+                    user_id is not None and acc.user_id != user_id.hex):
+                raise errors.NotFound("account not found")
+            settlement = self.settlement_account(acc.currency)
+            if inbound:
+                debit, credit = self._lock_pair(settlement, account_id, amount, currency)
+                return self._apply_pair(movement_id, debit, credit, amount, "settlement",
+                                        "deposit", description)
+            debit, credit = self._lock_pair(account_id, settlement, amount, currency)
+            return self._apply_pair(movement_id, debit, credit, amount, "withdrawal",
+                                    "settlement", description)
+
+    def transfer(self, transfer_id, user_id, from_id, to_id, amount, currency, reference,
+                 description):
+        with db.atomic():
+            debit, credit = self._lock_pair(from_id, to_id, amount, currency)
+            if debit.user_id != user_id.hex or credit.user_id != user_id.hex:
+                raise errors.NotFound("account not found")
+            db.execute_sql(
+                "INSERT INTO transfers (id, user_id, from_account_id, to_account_id, amount, "
+                "currency, reference, description, status, created_at, completed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
+                (transfer_id.hex, user_id.hex, from_id.hex, to_id.hex, amount, debit.currency,
+                 reference, description, *([_now_text()] * 2)))
+            return self._apply_pair(transfer_id, debit, credit, amount, "transfer_out",
+                                    "transfer_in", description, transfer_id=transfer_id)
+
+    def p2p(self, payment_id, sender_id, sender_account, recipient_account, amount, currency,
+            reference, note):
+        with db.atomic():
+            debit, credit = self._lock_pair(sender_account, recipient_account, amount, currency)
+            if debit.user_id != sender_id.hex or credit.user_id is None:
+                raise errors.NotFound("account not found")
+            if credit.user_id == sender_id.hex:
+                raise errors.SameAccount("cannot pay yourself")
+            db.execute_sql(
+                "INSERT INTO p2p_transactions (id, sender_id, recipient_id, sender_account_id, "
+                "recipient_account_id, amount, currency, note, reference, status, created_at, "
+                "completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
+                (payment_id.hex, sender_id.hex, credit.user_id, sender_account.hex,
+                 recipient_account.hex, amount, debit.currency, note, reference,
+                 *([_now_text()] * 2)))
+            return self._apply_pair(payment_id, debit, credit, amount, "p2p_out", "p2p_in", note,
+                                    p2p_id=payment_id)
+
+    def reverse(self, entry_id, movement_id, description):
+        with db.atomic():
+            cols = "id, account_id, movement_id, type, direction, amount, currency, transfer_id, p2p_id"
+            entry = db.execute_sql(f"SELECT {cols} FROM transactions WHERE id = ?",
+                                   (entry_id.hex,)).fetchone()
+            if entry is None:
+                raise errors.NotFound("entry not found")
+            e_id, e_account, e_movement, e_type, e_direction, amount, currency, tr, p2p = entry
+            if e_type == "reversal":
+                raise errors.ReversalNotAllowed("a reversal cannot be reversed")
+            siblings = db.execute_sql(
+                "SELECT id, account_id, direction FROM transactions WHERE movement_id = ?",
+                (e_movement,)).fetchall()
+            others = [s for s in siblings if s[0] != e_id and s[2] != e_direction]
+            if len(siblings) != 2 or len(others) != 1:
+                raise errors.ReversalNotAllowed("only a two-entry movement can be reversed")
+            o_id, o_account, _ = others[0]
+            if db.execute_sql("SELECT 1 FROM transactions WHERE reverses_id IN (?, ?)",
+                              (e_id, o_id)).fetchone():
+                raise errors.ReversalNotAllowed("already reversed")
+            if e_direction == "inbound":
+                debit_id, credit_id, reverses = e_account, o_account, (e_id, o_id)
+            else:
+                debit_id, credit_id, reverses = o_account, e_account, (o_id, e_id)
+            debit, credit = self._lock_pair(uuid.UUID(debit_id), uuid.UUID(credit_id), amount,
+                                            currency, allow_frozen=True)
+            return self._apply_pair(movement_id, debit, credit, amount, "reversal", "reversal",
+                                    description, transfer_id=_opt(tr), p2p_id=_opt(p2p),
+                                    reverses=reverses)
+
+
+def _opt(hex_or_none):
+    return None if hex_or_none is None else uuid.UUID(hex_or_none)
+
+
+def _now_text():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+_POSTGRES = _PostgresLedger()
+_SQLITE = _SqliteLedger()
