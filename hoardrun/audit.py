@@ -1,0 +1,42 @@
+"""The append-only audit log: who changed what, before and after, under which request.
+
+Call ``record`` inside the same database transaction as the change it
+describes, so either both land or neither does. Rows can never be edited or
+deleted (a trigger from migration 001 refuses it).
+"""
+
+import json
+import uuid
+from datetime import date, datetime
+from decimal import Decimal
+
+from .db import db
+
+
+def _default(value):
+    if isinstance(value, (uuid.UUID, Decimal)):
+        return str(value)
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    raise TypeError(f"cannot audit a {type(value).__name__}")
+
+
+def _dump(state):
+    return None if state is None else json.dumps(state, default=_default, sort_keys=True)
+
+
+def record(action, entity_type, entity_id=None, *, actor_id=None, before=None, after=None,
+           request_id=None):
+    """Append one audit row; ``before``/``after`` are JSON-able dicts (never secrets).
+
+    ``entity_id`` is stored as text in its canonical form (UUIDs with dashes).
+    """
+    row_id = uuid.uuid4()
+    param = "%s" if db.obj.param == "%s" else "?"
+    db.execute_sql(
+        "INSERT INTO audit_log (id, actor_id, action, entity_type, entity_id, before, after, "
+        f"request_id) VALUES ({', '.join([param] * 8)})",
+        (row_id.hex, None if actor_id is None else uuid.UUID(str(actor_id)).hex, action,
+         entity_type, None if entity_id is None else str(entity_id), _dump(before),
+         _dump(after), request_id))
+    return row_id
