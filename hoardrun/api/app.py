@@ -1,0 +1,61 @@
+"""The app factory: wiring only.
+
+``create_app(settings, ...)`` builds the middleware, media handlers, error
+handlers and routes of a falcon WSGI app and returns it; it reads no
+environment and opens no connection. ``get_app()`` is the one entry point
+that does: it loads settings from the environment, binds the database and
+returns ``create_app(settings)``; waitress serves that.
+
+Adding a resource: write ``hoardrun/api/<noun>.py`` with its pydantic
+models and ``@spec.validate``-decorated responders (see ``openapi.py``),
+then add its routes in ``_routes`` below.
+"""
+
+import time
+
+import falcon
+
+from .. import __version__
+from ..config import load_settings
+from ..db import init_db
+from ..health import Health, utc_now
+from . import health as health_routes
+from . import media, openapi, problems
+from .middleware import RequestContext, new_request_id
+
+
+def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
+    """Build the falcon WSGI app for ``settings``.
+
+    ``clock`` (aware UTC datetimes), ``monotonic`` (seconds) and
+    ``id_factory`` (request ids) are parameters so tests can pin them.
+    The database must already be bound (``hoardrun.db.init_db``).
+    """
+    clock = clock or utc_now
+    monotonic = monotonic or time.monotonic
+    middleware = [RequestContext(max_body_bytes=settings.max_body_bytes,
+                                 id_factory=id_factory or new_request_id)]
+    if settings.cors_origins:
+        # Falcon's CORS: answers preflight OPTIONS and adds the allow headers
+        # for listed origins only; X-Request-ID is exposed to browser code.
+        origins = "*" if "*" in settings.cors_origins else list(settings.cors_origins)
+        middleware.insert(0, falcon.CORSMiddleware(allow_origins=origins,
+                                                   expose_headers=["X-Request-ID",
+                                                                   "Retry-After"]))
+    app = falcon.App(middleware=middleware)
+    media.configure(app)
+    problems.install(app)
+    _routes(app, settings, Health(settings, clock=clock, monotonic=monotonic))
+    return app
+
+
+def _routes(app, settings, health):
+    health_routes.mount(app, health, settings, __version__)
+    openapi.mount(app)
+
+
+def get_app(environ=None):
+    """The app for the current environment (what ``invoke serve`` runs)."""
+    settings = load_settings(environ)
+    init_db(settings)
+    return create_app(settings)

@@ -1,0 +1,74 @@
+"""The one JSON handler: Decimal in, Decimal/UUID/datetime out.
+
+Money never passes through a float: numbers with a fraction or exponent
+are parsed as ``Decimal`` (the money parser then refuses what it must), and
+``NaN``/``Infinity`` are refused as malformed JSON (400). Out, ``Decimal`` is
+written as a string so a client's float parser cannot round it, UUIDs as
+strings and datetimes as UTC ISO 8601 with ``Z``.
+"""
+
+import json
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from functools import partial
+from uuid import UUID
+
+import falcon
+
+JSON = falcon.MEDIA_JSON
+PROBLEM_JSON = "application/problem+json"
+
+
+def _refuse_constant(name):
+    # json.loads calls this for NaN, Infinity and -Infinity; a ValueError is
+    # turned into falcon's MediaMalformedError (400) by the handler.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def iso_utc(value):
+    """``value`` (aware or naive-UTC datetime) as ISO 8601 in UTC with ``Z``."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _default(value):
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("a non-finite Decimal cannot be written as JSON")
+        return str(value)
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return iso_utc(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+loads = partial(json.loads, parse_float=Decimal, parse_constant=_refuse_constant)
+dumps = partial(json.dumps, default=_default, ensure_ascii=False, allow_nan=False,
+                separators=(",", ":"))
+
+
+def json_handler():
+    """A falcon media handler using ``loads``/``dumps`` above."""
+    return falcon.media.JSONHandler(dumps=dumps, loads=loads)
+
+
+def configure(app):
+    """Install the handler: only JSON is accepted in request bodies.
+
+    Dropping falcon's default form and multipart handlers means a body sent
+    as anything but JSON is answered 415 rather than half-parsed. Responses
+    may also be ``application/problem+json`` (the error serializer's type).
+    """
+    handler = json_handler()
+    app.req_options.media_handlers = falcon.media.Handlers({JSON: handler})
+    app.resp_options.media_handlers = falcon.media.Handlers({JSON: handler,
+                                                             PROBLEM_JSON: handler})
+    # NOTE: a body without Content-Type is read as JSON (falcon's default
+    # media type), which is what curl -d users and most clients expect.
+    app.req_options.default_media_type = JSON

@@ -1,0 +1,77 @@
+"""Request middleware: request id, body limit, one log line, connection return.
+
+``RequestContext`` does per request, in this order:
+
+* takes ``X-Request-ID`` if it is a short safe token (≤ 64 of
+  ``[A-Za-z0-9._-]``), otherwise makes one (uuid4 hex); it is
+  ``req.context.request_id``, echoed in the response and in the log line;
+* refuses a body larger than ``settings.max_body_bytes`` with 413 from its
+  declared length, before anyone reads it;
+* after the response (also on errors): hands this thread's database
+  connection back to the pool if the request used one, and logs one line
+  (method, path, status, duration, request id; never the query string,
+  body or headers, which may hold tokens or passwords).
+
+It never opens a connection or a transaction: peewee connects lazily on
+first use, so routes that never touch the database (liveness, docs) never
+check one out (PERFORMANCE.md item 4).
+"""
+
+import logging
+import re
+import time
+import uuid
+
+import falcon
+
+from .. import db as dbm
+
+access_log = logging.getLogger("hoardrun.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def new_request_id():
+    """A fresh request id: 32 hex characters."""
+    return uuid.uuid4().hex
+
+
+class RequestContext:
+    """See the module docstring; one instance serves every thread."""
+
+    def __init__(self, *, max_body_bytes, id_factory=new_request_id, timer=time.perf_counter):
+        self.max_body_bytes = max_body_bytes
+        self.id_factory = id_factory
+        self.timer = timer
+
+    def process_request(self, req, resp):
+        req.context.started = self.timer()
+        given = req.get_header(REQUEST_ID_HEADER)
+        # A client-chosen id goes into our logs and audit rows: only a short
+        # token is taken as is, so nobody can inject log lines or markup.
+        if given is not None and _SAFE_REQUEST_ID.fullmatch(given):
+            req.context.request_id = given
+        else:
+            req.context.request_id = self.id_factory()
+        length = req.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise falcon.HTTPContentTooLarge(
+                description=f"The request body is {length} bytes; the limit is "
+                            f"{self.max_body_bytes} bytes.")
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        try:
+            dbm.release_connection()
+        finally:
+            request_id = getattr(req.context, "request_id", None)
+            if request_id is not None:
+                resp.set_header(REQUEST_ID_HEADER, request_id)
+            started = getattr(req.context, "started", None)
+            duration_ms = (self.timer() - started) * 1000 if started is not None else 0.0
+            status = resp.status_code
+            access_log.info(
+                "%s %s %s %.1fms request_id=%s", req.method, req.path, status, duration_ms,
+                request_id,
+                extra={"method": req.method, "path": req.path, "status": status,
+                       "duration_ms": round(duration_ms, 3), "request_id": request_id})
