@@ -70,9 +70,73 @@ class ReversalNotAllowed(LedgerError):
     code, title = "reversal-not-allowed", "Entry cannot be reversed"
 
 
+class AccountNotEmpty(ValidationError):
+    code, title = "account-not-empty", "Account balance is not zero"
+
+
+class IdempotencyKeyReused(ValidationError):
+    code, title = "idempotency-key-reused", "Idempotency key already used for another request"
+
+
+class InvalidCursor(ValidationError):
+    code, title = "invalid-cursor", "Invalid or tampered pagination cursor"
+
+
 class DatabaseUnavailable(HoardRunError):
     code, status, title = "database-unavailable", 503, "Database unavailable"
 
 
 class DecryptionError(HoardRunError):
     code, status, title = "decryption-error", 500, "Stored data could not be decrypted"
+
+
+class CardNotActive(LedgerError):
+    code, title = "card-not-active", "Card is frozen, inactive or cancelled"
+
+
+class CardExpired(LedgerError):
+    code, title = "card-expired", "Card has expired"
+
+
+class ChannelDisabled(LedgerError):
+    code, title = "channel-disabled", "Card channel is disabled"
+
+
+class DailyLimitExceeded(LedgerError):
+    code, title = "daily-limit-exceeded", "Card daily limit exceeded"
+
+
+class MonthlyLimitExceeded(LedgerError):
+    code, title = "monthly-limit-exceeded", "Card monthly limit exceeded"
+
+
+class RefundExceedsPayment(LedgerError):
+    code, title = "refund-exceeds-payment", "Refund exceeds the original payment"
+
+
+class InsufficientHolding(LedgerError):
+    code, title = "insufficient-holding", "Not enough of the instrument held"
+
+
+class Unauthorized(HoardRunError):
+    """No valid credentials: a missing/expired/revoked token, or a wrong email or password."""
+
+    code, status, title = "unauthorized", 401, "Authentication required"
+
+
+class InvalidCredentials(Unauthorized):
+    code, title = "invalid-credentials", "Email or password is incorrect"
+
+
+class Forbidden(HoardRunError):
+    code, status, title = "forbidden", 403, "Not allowed"
+
+
+class UserNotActive(Forbidden):
+    code, title = "user-not-active", "User is suspended or deactivated"
+
+
+class TooManyAttempts(HoardRunError):
+    """Locked after repeated failures; ``retry_after`` (seconds) says for how long."""
+
+    code, status, title = "too-many-attempts", 429, "Too many failed attempts"
