@@ -55,10 +55,7 @@ class Health:
         self._lock = threading.Lock()
         self._last_answer = None  # (monotonic time, bool)
         self._secrets = _url_secrets(settings.database_url)
-        # NOTE: a sqlite:/// URL holds no credential, and masking would
-        # rebuild it (urlunsplit drops slashes of sqlite:////abs/path).
-        self.database_url = (settings.masked_database_url if settings.is_postgres
-                             else settings.database_url)
+        self.database_url = shown_database_url(settings)
 
     # -- process -----------------------------------------------------------
     def now(self):
@@ -126,11 +123,7 @@ class Health:
         Asking the router directly would create its history table as a side
         effect; a probe must not write, so an absent table means "all pending".
         """
-        def ask():
-            if not dbm.db.table_exists(schema.MIGRATE_TABLE):
-                return schema.all_migrations()
-            return schema.pending_migrations()
-        return self._ask(ask)
+        return self._ask(pending_migrations)
 
     def readiness(self):
         """``(ready, checks, failed)``: ready only if the DB answers and nothing is pending."""
@@ -177,6 +170,25 @@ class Health:
             text = text.replace(secret, "***")
         text = _PASSWORD_IN_TEXT.sub(r"\1***", text)
         return f"{type(exc).__name__}: {text}"[:_MAX_ERROR_CHARS]
+
+
+def shown_database_url(settings):
+    """The database URL as reports and logs may show it: credentials masked."""
+    # NOTE: a sqlite:/// URL holds no credential, and masking would rebuild
+    # it wrongly (urlunsplit drops two slashes of sqlite:////abs/path).
+    return settings.masked_database_url if settings.is_postgres else settings.database_url
+
+
+def pending_migrations():
+    """Migrations not applied yet, asked without writing anything.
+
+    ``schema.pending_migrations`` creates the router's history table when it
+    is missing; a probe (or a production start-up that must not change the
+    schema) treats a missing table as "every migration is pending" instead.
+    """
+    if not dbm.db.table_exists(schema.MIGRATE_TABLE):
+        return schema.all_migrations()
+    return schema.pending_migrations()
 
 
 _PASSWORD_IN_TEXT = re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE)

@@ -54,8 +54,12 @@ def _routes(app, settings, health):
     openapi.mount(app)
 
 
-def get_app(environ=None):
-    """The app for the current environment (what ``invoke serve`` runs)."""
-    settings = load_settings(environ)
+def get_app(environ=None, *, settings=None):
+    """The app for the current environment (what ``invoke serve`` runs).
+
+    ``settings`` skips reading the environment (the serve task passes
+    settings it has already sized for its thread count).
+    """
+    settings = settings or load_settings(environ)
     init_db(settings)
     return create_app(settings)
