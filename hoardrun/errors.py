@@ -140,3 +140,11 @@ class TooManyAttempts(HoardRunError):
     """Locked after repeated failures; ``retry_after`` (seconds) says for how long."""
 
     code, status, title = "too-many-attempts", 429, "Too many failed attempts"
+
+
+class NotInvestmentAccount(LedgerError):
+    code, title = "not-investment-account", "Not an investment account"
+
+
+class OrderTooSmall(LedgerError):
+    code, title = "order-too-small", "Order is worth less than one minor unit"

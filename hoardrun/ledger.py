@@ -16,12 +16,17 @@ front). The same tests run against both.
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import ROUND_HALF_EVEN, Decimal
 
 import peewee as pw
 
 from . import errors
 from .db import db, driver_error, is_postgres, to_utc
-from .money import MAX_MINOR_UNITS
+from .models import CARD_CHANNELS, INVESTMENT_TYPES, InstrumentPrice, Investment
+from .money import MAX_MINOR_UNITS, get_currency, round_to_minor
+
+#: Investment quantities carry at most this many decimal places (NUMERIC(24, 8)).
+QUANTITY_PLACES = 8
 
 # SQLSTATEs raised by the ledger functions, mapped to the domain errors.
 _PG_ERRORS = {
@@ -30,6 +35,15 @@ _PG_ERRORS = {
     "HR003": errors.CurrencyMismatch,
     "HR004": errors.SameAccount,
     "HR005": errors.ReversalNotAllowed,
+    "HR010": errors.CardNotActive,
+    "HR011": errors.CardExpired,
+    "HR012": errors.ChannelDisabled,
+    "HR013": errors.DailyLimitExceeded,
+    "HR014": errors.MonthlyLimitExceeded,
+    "HR015": errors.RefundExceedsPayment,
+    "HR016": errors.InsufficientHolding,
+    "HR017": errors.NotInvestmentAccount,
+    "HR018": errors.OrderTooSmall,
     "HR404": errors.NotFound,
 }
 
@@ -53,6 +67,20 @@ class Posting:
     debit: Leg
     credit: Leg
     posted_at: datetime
+
+
+@dataclass(frozen=True)
+class Trade:
+    """What one buy or sell wrote: the cash posting and the holding after it."""
+
+    posting: Posting
+    holding_id: uuid.UUID
+    symbol: str
+    quantity: Decimal
+    price: Decimal
+    cash: int
+    held_quantity: Decimal
+    cost_basis: int
 
 
 def new_reference(prefix, ident):
@@ -142,6 +170,93 @@ def reverse(entry_id, *, description=None):
     """
     return _backend().reverse(_uuid(entry_id, "entry_id"), uuid.uuid4(),
                               description or "Reversal")
+
+
+def card_payment(user_id, card_id, amount, *, merchant_name, merchant_category, channel,
+                 international=False, currency=None, description=None):
+    """Pay a merchant with a card: one debit of the card's account carrying the card id.
+
+    The card row is locked first, so concurrent payments on one card can
+    never exceed its daily (UTC day) or monthly (UTC month) limit; spent is
+    what left the account on this card in the period, less what came back.
+    """
+    _check_amount(amount)
+    if channel not in CARD_CHANNELS:
+        raise errors.ValidationError(f"channel must be one of {', '.join(CARD_CHANNELS)}",
+                                     field="channel")
+    return _backend().card_payment(uuid.uuid4(), _uuid(user_id, "user_id"),
+                                   _uuid(card_id, "card_id"), amount, currency, merchant_name,
+                                   merchant_category, channel, bool(international),
+                                   description or merchant_name)
+
+
+def card_refund(user_id, payment_entry_id, amount, *, description=None):
+    """Give back up to the rest of a card payment; each refund entry points at it."""
+    _check_amount(amount)
+    return _backend().card_refund(uuid.uuid4(), _uuid(user_id, "user_id"),
+                                  _uuid(payment_entry_id, "payment_id"), amount,
+                                  description or "Refund")
+
+
+def buy(user_id, account_id, symbol, quantity):
+    """Buy ``quantity`` of ``symbol`` at the current price with cash from an investment account."""
+    return _trade(user_id, account_id, symbol, quantity, True)
+
+
+def sell(user_id, account_id, symbol, quantity):
+    """Sell ``quantity`` of ``symbol`` at the current price into an investment account."""
+    return _trade(user_id, account_id, symbol, quantity, False)
+
+
+def set_price(symbol, price, *, name=None, type=None, currency=None):
+    """Create or update an instrument's price; holdings' current price follows."""
+    price = _check_quantity(price, "price")
+    with db.atomic():
+        existing = InstrumentPrice.get_or_none(InstrumentPrice.symbol == symbol)
+        if existing is None:
+            if not name or type not in INVESTMENT_TYPES:
+                raise errors.ValidationError(
+                    f"a new symbol needs a name and a type ({', '.join(INVESTMENT_TYPES)})",
+                    field="type" if name else "name")
+            get_currency(currency or "")
+            InstrumentPrice.create(symbol=symbol, name=name, type=type, currency=currency,
+                                   price=price)
+        else:
+            changes = {InstrumentPrice.price: price,
+                       InstrumentPrice.updated_at: datetime.now(timezone.utc)}
+            if name:
+                changes[InstrumentPrice.name] = name
+            (InstrumentPrice.update(changes)
+             .where(InstrumentPrice.symbol == symbol)
+             .execute())
+        (Investment.update(current_price=price, updated_at=datetime.now(timezone.utc))
+         .where(Investment.symbol == symbol)
+         .execute())
+    return InstrumentPrice.get_by_id(symbol)
+
+
+def _check_quantity(value, field):
+    if isinstance(value, (bool, float)) or not isinstance(value, (Decimal, int, str)):
+        raise errors.ValidationError(f"{field} must be a decimal string", field=field)
+    try:
+        dec = Decimal(str(value).strip())
+    except ArithmeticError:
+        raise errors.ValidationError(f"{field} must be a decimal string", field=field) from None
+    if not dec.is_finite() or dec <= 0:
+        raise errors.ValidationError(f"{field} must be greater than zero", field=field)
+    if -dec.as_tuple().exponent > QUANTITY_PLACES or dec >= Decimal(10) ** 16:
+        raise errors.ValidationError(
+            f"{field} allows at most {QUANTITY_PLACES} decimal places and 16 digits before them",
+            field=field)
+    return dec
+
+
+def _trade(user_id, account_id, symbol, quantity, is_buy):
+    quantity = _check_quantity(quantity, "quantity")
+    if not isinstance(symbol, str) or not 1 <= len(symbol) <= 12:
+        raise errors.ValidationError("symbol must be 1 to 12 characters", field="symbol")
+    return _backend().trade(uuid.uuid4(), _uuid(user_id, "user_id"),
+                            _uuid(account_id, "account_id"), symbol.upper(), quantity, is_buy)
 
 
 def verify():
@@ -235,6 +350,29 @@ class _PostgresLedger:
         # A racing second reversal trips the UNIQUE(reverses_id) index: see _translate_pg.
         return self._call("hoardrun_reverse", entry_id.hex, movement_id.hex, description)
 
+    def card_payment(self, movement_id, user_id, card_id, amount, currency, merchant_name,
+                     merchant_category, channel, international, description):
+        return self._call("hoardrun_card_payment", movement_id.hex, user_id.hex, card_id.hex,
+                          amount, currency, merchant_name, merchant_category, channel,
+                          international, description)
+
+    def card_refund(self, movement_id, user_id, payment_id, amount, description):
+        return self._call("hoardrun_card_refund", movement_id.hex, user_id.hex, payment_id.hex,
+                          amount, description)
+
+    def trade(self, movement_id, user_id, account_id, symbol, quantity, is_buy):
+        sql = ("SELECT (t.posting).*, t.holding_id, t.price, t.held_quantity, t.cost_basis "
+               "FROM hoardrun_trade(%s, %s, %s, %s, %s, %s) t")
+        try:
+            row = db.execute_sql(sql, (movement_id.hex, user_id.hex, account_id.hex, symbol,
+                                       quantity, is_buy)).fetchone()
+        except pw.DatabaseError as exc:
+            raise _translate_pg(exc) from None
+        posting = _posting(row[:10])
+        holding_id, price, held, basis = row[10:]
+        return Trade(posting, uuid.UUID(str(holding_id)), symbol, quantity, Decimal(price),
+                     posting.amount, Decimal(held), int(basis))
+
     def settlement_account(self, currency):
         row = db.execute_sql("SELECT hoardrun_settlement_account(%s)", (currency,)).fetchone()
         return uuid.UUID(str(row[0]))
@@ -314,7 +452,8 @@ class _SqliteLedger:
         return debit, credit
 
     def _apply_pair(self, movement_id, debit, credit, amount, debit_type, credit_type,
-                    description, transfer_id=None, p2p_id=None, reverses=(None, None)):
+                    description, transfer_id=None, p2p_id=None, reverses=(None, None),
+                    card_id=None, merchant=(None, None), refund_of=None):
         now = datetime.now(timezone.utc)
         stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f")
         debit_balance = debit.balance - amount
@@ -324,17 +463,20 @@ class _SqliteLedger:
         db.execute_sql("UPDATE accounts SET balance = ?, updated_at = ? WHERE id = ?",
                        (credit_balance, stamp, credit.id))
         debit_entry, credit_entry = uuid.uuid4(), uuid.uuid4()
-        for entry, acc, kind, direction, balance, reverses_id in (
-                (debit_entry, debit, debit_type, "outbound", debit_balance, reverses[0]),
-                (credit_entry, credit, credit_type, "inbound", credit_balance, reverses[1])):
+        for entry, acc, kind, direction, balance, reverses_id, refund in (
+                (debit_entry, debit, debit_type, "outbound", debit_balance, reverses[0], None),
+                (credit_entry, credit, credit_type, "inbound", credit_balance, reverses[1],
+                 refund_of)):
             db.execute_sql(
                 "INSERT INTO transactions (id, account_id, movement_id, type, direction, amount, "
-                "currency, balance_after, description, transfer_id, p2p_id, reverses_id, "
-                "reference, status, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?)",
+                "currency, balance_after, description, merchant_name, merchant_category, "
+                "card_id, transfer_id, p2p_id, reverses_id, reference, status, created_at, "
+                "refund_of_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
                 (entry.hex, acc.id, movement_id.hex, kind, direction, amount, acc.currency,
-                 balance, description, _hex(transfer_id), _hex(p2p_id), reverses_id,
-                 "E" + entry.hex, stamp))
+                 balance, description, merchant[0], merchant[1], _hex(card_id),
+                 _hex(transfer_id), _hex(p2p_id), reverses_id, "E" + entry.hex, stamp,
+                 _hex(refund)))
         return Posting(movement_id, debit.currency, amount,
                        Leg(uuid.UUID(debit.id), debit_entry, debit_balance),
                        Leg(uuid.UUID(credit.id), credit_entry, credit_balance), now)
@@ -402,12 +544,13 @@ class _SqliteLedger:
 
     def reverse(self, entry_id, movement_id, description):
         with db.atomic():
-            cols = "id, account_id, movement_id, type, direction, amount, currency, transfer_id, p2p_id"
+            cols = ("id, account_id, movement_id, type, direction, amount, currency, transfer_id, "
+                    "p2p_id, card_id")
             entry = db.execute_sql(f"SELECT {cols} FROM transactions WHERE id = ?",
                                    (entry_id.hex,)).fetchone()
             if entry is None:
                 raise errors.NotFound("entry not found")
-            e_id, e_account, e_movement, e_type, e_direction, amount, currency, tr, p2p = entry
+            e_id, e_account, e_movement, e_type, e_direction, amount, currency, tr, p2p, card = entry
             if e_type == "reversal":
                 raise errors.ReversalNotAllowed("a reversal cannot be reversed")
             siblings = db.execute_sql(
@@ -428,7 +571,132 @@ class _SqliteLedger:
                                             currency, allow_frozen=True)
             return self._apply_pair(movement_id, debit, credit, amount, "reversal", "reversal",
                                     description, transfer_id=_opt(tr), p2p_id=_opt(p2p),
-                                    reverses=reverses)
+                                    reverses=reverses, card_id=_opt(card))
+
+    def card_payment(self, movement_id, user_id, card_id, amount, currency, merchant_name,
+                     merchant_category, channel, international, description):
+        with db.atomic():
+            card = db.execute_sql(
+                "SELECT user_id, account_id, status, expiry_year, expiry_month, online_enabled, "
+                "contactless_enabled, international_enabled, daily_limit, monthly_limit "
+                "FROM cards WHERE id = ?", (card_id.hex,)).fetchone()
+            if card is None or card[0] != user_id.hex:
+                raise errors.NotFound("card not found")
+            (_, account_hex, status, exp_year, exp_month, online, contactless, abroad,
+             daily_limit, monthly_limit) = card
+            if status != "active":
+                raise errors.CardNotActive(f"card is {status}")
+            now = datetime.now(timezone.utc)
+            if (now.year, now.month) > (exp_year, exp_month):
+                raise errors.CardExpired("card expired")
+            if international and not abroad:
+                raise errors.ChannelDisabled("international payments are disabled on this card")
+            if (channel == "online" and not online) or (channel == "contactless"
+                                                         and not contactless):
+                raise errors.ChannelDisabled(f"{channel} payments are disabled on this card")
+            day_start = now.strftime("%Y-%m-%d 00:00:00")
+            month_start = now.strftime("%Y-%m-01 00:00:00")
+            spent_day, spent_month = db.execute_sql(
+                "SELECT COALESCE(SUM(CASE WHEN created_at >= ? THEN "
+                "CASE direction WHEN 'outbound' THEN amount ELSE -amount END END), 0), "
+                "COALESCE(SUM(CASE direction WHEN 'outbound' THEN amount ELSE -amount END), 0) "
+                "FROM transactions WHERE card_id = ? AND account_id = ? AND created_at >= ?",
+                (day_start, card_id.hex, account_hex, month_start)).fetchone()
+            if spent_day + amount > daily_limit:
+                raise errors.DailyLimitExceeded("daily limit exceeded")
+            if spent_month + amount > monthly_limit:
+                raise errors.MonthlyLimitExceeded("monthly limit exceeded")
+            account_id = uuid.UUID(account_hex)
+            settlement = self.settlement_account(self._account(account_id).currency)
+            debit, credit = self._lock_pair(account_id, settlement, amount, currency)
+            return self._apply_pair(movement_id, debit, credit, amount, "payment", "settlement",
+                                    description, card_id=card_id,
+                                    merchant=(merchant_name, merchant_category))
+
+    def card_refund(self, movement_id, user_id, payment_id, amount, description):
+        with db.atomic():
+            payment = db.execute_sql(
+                "SELECT t.account_id, t.amount, t.currency, t.card_id, t.merchant_name, "
+                "t.merchant_category, c.user_id FROM transactions t "
+                "JOIN cards c ON c.id = t.card_id WHERE t.id = ? AND t.type = 'payment'",
+                (payment_id.hex,)).fetchone()
+            if payment is None or payment[6] != user_id.hex:
+                raise errors.NotFound("payment not found")
+            account_hex, paid, currency, card_hex, m_name, m_category, _ = payment
+            refunded = db.execute_sql(
+                "SELECT COALESCE(SUM(amount), 0) FROM transactions "
+                "WHERE refund_of_id = ? AND type = 'refund'", (payment_id.hex,)).fetchone()[0]
+            if refunded + amount > paid:
+                raise errors.RefundExceedsPayment(
+                    f"refunds would exceed the payment ({paid - refunded} minor units left "
+                    "to refund)")
+            settlement = self.settlement_account(currency)
+            debit, credit = self._lock_pair(settlement, uuid.UUID(account_hex), amount, currency,
+                                            allow_frozen=True)
+            return self._apply_pair(movement_id, debit, credit, amount, "settlement", "refund",
+                                    description, card_id=uuid.UUID(card_hex),
+                                    merchant=(m_name, m_category), refund_of=payment_id)
+
+    def trade(self, movement_id, user_id, account_id, symbol, quantity, is_buy):
+        with db.atomic():
+            acc = self._account(account_id)
+            if acc is None or acc.user_id != user_id.hex:
+                raise errors.NotFound("account not found")
+            if acc.type != "investment":
+                raise errors.NotInvestmentAccount("not an investment account")
+            price_row = db.execute_sql(
+                "SELECT name, type, currency, price FROM instrument_prices WHERE symbol = ?",
+                (symbol,)).fetchone()
+            if price_row is None:
+                raise errors.NotFound(f"unknown symbol {symbol}")
+            name, kind, price_currency, price = price_row
+            price = Decimal(str(price))
+            if price_currency != acc.currency:
+                raise errors.CurrencyMismatch(
+                    f"currency mismatch: {symbol} trades in {price_currency}")
+            cash = round_to_minor(quantity * price, acc.currency)
+            if cash <= 0:
+                raise errors.OrderTooSmall("order is worth less than one minor unit")
+            settlement = self.settlement_account(acc.currency)
+            holding = db.execute_sql(
+                "SELECT id, quantity, cost_basis FROM investments "
+                "WHERE account_id = ? AND symbol = ?", (account_id.hex, symbol)).fetchone()
+            stamp = _now_text()
+            if is_buy:
+                debit, credit = self._lock_pair(account_id, settlement, cash, acc.currency)
+                posting = self._apply_pair(movement_id, debit, credit, cash, "investment_buy",
+                                           "settlement", f"Buy {quantity} {symbol}")
+                if holding is None:
+                    holding_id, held, basis = uuid.uuid4(), quantity, cash
+                    db.execute_sql(
+                        "INSERT INTO investments (id, user_id, account_id, symbol, name, type, "
+                        "quantity, cost_basis, current_price, currency, purchase_date, "
+                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (holding_id.hex, user_id.hex, account_id.hex, symbol, name, kind,
+                         str(held), basis, str(price), acc.currency, stamp, stamp, stamp))
+                else:
+                    holding_id = uuid.UUID(holding[0])
+                    held = Decimal(str(holding[1])) + quantity
+                    basis = holding[2] + cash
+            else:
+                held_now = Decimal(str(holding[1])) if holding else Decimal(0)
+                if holding is None or held_now < quantity:
+                    raise errors.InsufficientHolding(
+                        f"holding {held_now} {symbol}, cannot sell {quantity}")
+                debit, credit = self._lock_pair(settlement, account_id, cash, acc.currency)
+                posting = self._apply_pair(movement_id, debit, credit, cash, "settlement",
+                                           "investment_sell", f"Sell {quantity} {symbol}")
+                holding_id, held = uuid.UUID(holding[0]), held_now - quantity
+                basis_out = holding[2] if held == 0 else int(
+                    (Decimal(holding[2]) * quantity / held_now)
+                    .to_integral_value(rounding=ROUND_HALF_EVEN))
+                basis = holding[2] - basis_out
+            if holding is not None:
+                db.execute_sql(
+                    "UPDATE investments SET quantity = ?, cost_basis = ?, current_price = ?, "
+                    "updated_at = ? WHERE id = ?",
+                    (str(held), basis, str(price), stamp, holding_id.hex))
+            return Trade(posting, holding_id, symbol, quantity, price, cash, held, basis)
 
 
 def _opt(hex_or_none):

@@ -29,6 +29,7 @@ ENTRY_STATUSES = ("pending", "completed", "failed")
 CARD_TYPES = ("debit", "credit", "prepaid")
 CARD_STATUSES = ("active", "inactive", "blocked", "expired", "cancelled")
 INVESTMENT_TYPES = ("stock", "etf", "bond", "mutual_fund", "crypto")
+CARD_CHANNELS = ("online", "contactless", "chip")
 MOVEMENT_STATUSES = ("pending", "completed", "failed", "cancelled")
 
 
@@ -278,6 +279,9 @@ class Transaction(BaseModel):
     status = pw.CharField(max_length=16, default="completed",
                           constraints=[SQL("DEFAULT 'completed'")])
     created_at = UTCDateTimeField(constraints=_now())
+    # A refund points at the card payment it gives money back for; several
+    # partial refunds may point at one payment (never more than its amount).
+    refund_of = pw.ForeignKeyField("self", null=True, backref="refunds", on_delete="RESTRICT")
 
     class Meta:
         table_name = "transactions"
@@ -325,6 +329,27 @@ class Investment(BaseModel):
         indexes = (
             (("account", "symbol"), True),
         )
+
+
+class InstrumentPrice(BaseModel):
+    """The sandbox price list: what one unit of an instrument costs now."""
+
+    symbol = pw.CharField(max_length=12, primary_key=True)
+    name = pw.CharField(max_length=200)
+    type = pw.CharField(max_length=16)
+    currency = pw.CharField(max_length=3)
+    price = pw.DecimalField(max_digits=24, decimal_places=8, auto_round=False)
+    updated_at = UTCDateTimeField(constraints=_now())
+
+    class Meta:
+        table_name = "instrument_prices"
+        constraints = [
+            _check("instrument_prices_symbol",
+                   "length(symbol) BETWEEN 1 AND 12 AND symbol = upper(symbol)"),
+            _check("instrument_prices_type", _in("type", INVESTMENT_TYPES)),
+            _currency_check("instrument_prices"),
+            _check("instrument_prices_price_positive", "price > 0"),
+        ]
 
 
 class AuthToken(BaseModel):
@@ -391,4 +416,4 @@ class AuditLog(BaseModel):
 
 #: Every model, in dependency order (create in this order, drop reversed).
 MODELS = (User, Account, Card, Transfer, P2PTransaction, Transaction, Investment,
-          AuthToken, IdempotencyKey, AuditLog)
+          InstrumentPrice, AuthToken, IdempotencyKey, AuditLog)

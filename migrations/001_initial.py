@@ -269,6 +269,9 @@ class Transaction(pw.Model):
     status = pw.CharField(max_length=16, default="completed",
                           constraints=[SQL("DEFAULT 'completed'")])
     created_at = TimestampTZ(constraints=_now())
+    # A refund points at the card payment it gives money back for; several
+    # partial refunds may point at one payment (never more than its amount).
+    refund_of = pw.ForeignKeyField("self", null=True, backref="refunds", on_delete="RESTRICT")
 
     class Meta:
         table_name = "transactions"

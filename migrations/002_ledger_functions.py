@@ -97,12 +97,12 @@ BEGIN
 END
 $$""",
     "hoardrun_apply_pair(uuid, uuid, uuid, bigint, text, text, text, text, uuid, uuid, "
-    "uuid, text, text, uuid, uuid)": r"""
+    "uuid, text, text, uuid, uuid, uuid)": r"""
 CREATE FUNCTION hoardrun_apply_pair(
     p_movement uuid, p_debit uuid, p_credit uuid, p_amount bigint, p_currency text,
     p_debit_type text, p_credit_type text, p_description text,
     p_transfer uuid, p_p2p uuid, p_card uuid, p_merchant_name text, p_merchant_category text,
-    p_reverses_debit uuid, p_reverses_credit uuid)
+    p_reverses_debit uuid, p_reverses_credit uuid, p_refund_of uuid)
 RETURNS hoardrun_posting LANGUAGE plpgsql AS $$
 DECLARE
     r hoardrun_posting;
@@ -116,15 +116,16 @@ BEGIN
     r.credit_entry := gen_random_uuid();
     INSERT INTO transactions (id, account_id, movement_id, type, direction, amount, currency,
                               balance_after, description, merchant_name, merchant_category,
-                              card_id, transfer_id, p2p_id, reverses_id, reference, status)
+                              card_id, transfer_id, p2p_id, reverses_id, reference, status,
+                              refund_of_id)
     VALUES (r.debit_entry, p_debit, p_movement, p_debit_type, 'outbound', p_amount, p_currency,
             r.debit_balance, p_description, p_merchant_name, p_merchant_category,
             p_card, p_transfer, p_p2p, p_reverses_debit,
-            'E' || replace(r.debit_entry::text, '-', ''), 'completed'),
+            'E' || replace(r.debit_entry::text, '-', ''), 'completed', NULL),
            (r.credit_entry, p_credit, p_movement, p_credit_type, 'inbound', p_amount, p_currency,
             r.credit_balance, p_description, p_merchant_name, p_merchant_category,
             p_card, p_transfer, p_p2p, p_reverses_credit,
-            'E' || replace(r.credit_entry::text, '-', ''), 'completed');
+            'E' || replace(r.credit_entry::text, '-', ''), 'completed', p_refund_of);
     r.movement_id := p_movement;
     r.currency := p_currency;
     r.amount := p_amount;
@@ -155,12 +156,12 @@ BEGIN
         k := hoardrun_lock_pair(v_settlement, p_account, p_amount, p_currency, false);
         RETURN hoardrun_apply_pair(
             p_movement, v_settlement, p_account, p_amount, k.pair_currency, 'settlement', 'deposit',
-            p_description, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+            p_description, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
     ELSE
         k := hoardrun_lock_pair(p_account, v_settlement, p_amount, p_currency, false);
         RETURN hoardrun_apply_pair(
             p_movement, p_account, v_settlement, p_amount, k.pair_currency, 'withdrawal', 'settlement',
-            p_description, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+            p_description, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
     END IF;
 END
 $$""",
@@ -182,7 +183,7 @@ BEGIN
             'completed', now());
     RETURN hoardrun_apply_pair(
         p_id, p_from, p_to, p_amount, k.pair_currency, 'transfer_out', 'transfer_in', p_description,
-        p_id, NULL, NULL, NULL, NULL, NULL, NULL);
+        p_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
 END
 $$""",
     "hoardrun_p2p(uuid, uuid, uuid, uuid, bigint, text, text, text)": r"""
@@ -207,7 +208,7 @@ BEGIN
             k.pair_currency, p_note, p_reference, 'completed', now());
     RETURN hoardrun_apply_pair(
         p_id, p_sender_account, p_recipient_account, p_amount, k.pair_currency, 'p2p_out', 'p2p_in',
-        p_note, NULL, p_id, NULL, NULL, NULL, NULL, NULL);
+        p_note, NULL, p_id, NULL, NULL, NULL, NULL, NULL, NULL);
 END
 $$""",
     "hoardrun_reverse(uuid, uuid, text)": r"""
@@ -239,12 +240,12 @@ BEGIN
         k := hoardrun_lock_pair(e.account_id, o.account_id, e.amount, e.currency, true);
         RETURN hoardrun_apply_pair(
             p_movement, e.account_id, o.account_id, e.amount, e.currency, 'reversal', 'reversal',
-            p_description, e.transfer_id, e.p2p_id, e.card_id, NULL, NULL, e.id, o.id);
+            p_description, e.transfer_id, e.p2p_id, e.card_id, NULL, NULL, e.id, o.id, NULL);
     ELSE
         k := hoardrun_lock_pair(o.account_id, e.account_id, e.amount, e.currency, true);
         RETURN hoardrun_apply_pair(
             p_movement, o.account_id, e.account_id, e.amount, e.currency, 'reversal', 'reversal',
-            p_description, e.transfer_id, e.p2p_id, e.card_id, NULL, NULL, o.id, e.id);
+            p_description, e.transfer_id, e.p2p_id, e.card_id, NULL, NULL, o.id, e.id, NULL);
     END IF;
 END
 $$""",
