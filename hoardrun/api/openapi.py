@@ -27,6 +27,7 @@ responder is left out, ``mode="strict"``) or any path it invents.
 import copy
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -90,18 +91,20 @@ def _after(req, resp, resp_validation_error, instance, model_adapter):
                            f"{_field_errors(resp_validation_error)}")
 
 
-class _Plugin(FalconPlugin):
-    """spectree's Falcon plugin, keeping a route's trailing slash.
+_CONVERTER = re.compile(r"{(\w+)(?::[^}]*)?}")
 
-    ``/api/health`` and ``/api/health/`` are two routes in falcon; spectree
-    would fold them into one path and the document would miss one.
+
+class _Plugin(FalconPlugin):
+    """spectree's Falcon plugin with the document path taken from the route as is.
+
+    spectree 3.0.0 regex-escapes literal segments (``/api/openapi\\.json``)
+    and drops a trailing slash (``/api/health/`` is its own route in falcon);
+    only ``{name:converter}`` needs rewriting to ``{name}``.
     """
 
     def parse_path(self, route, path_parameter_descriptions):
-        path, parameters = super().parse_path(route, path_parameter_descriptions)
-        if route.uri_template.endswith("/") and path != "/":
-            path += "/"
-        return path, parameters
+        _, parameters = super().parse_path(route, path_parameter_descriptions)
+        return _CONVERTER.sub(r"{\1}", route.uri_template), parameters
 
     def register_route(self, app):  # documents are built per app by ``document``
         raise NotImplementedError("use hoardrun.api.openapi.document(app)")
