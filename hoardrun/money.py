@@ -67,6 +67,7 @@ CURRENCY_CODES = tuple(sorted(CURRENCIES))
 MAX_MINOR_UNITS = 10 ** 15
 
 _DECIMAL_TEXT = re.compile(r"^-?[0-9]{1,19}(\.[0-9]{1,19})?$")
+_LONG_DECIMAL_TEXT = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
 
 
 def get_currency(code):
@@ -100,6 +101,12 @@ def parse_amount(value, currency, *, field="amount", allow_zero=False, allow_neg
     else:
         raise AmountError(f"{field} must be a decimal string such as \"12.34\"", field=field)
     if not _DECIMAL_TEXT.match(text):
+        if _LONG_DECIMAL_TEXT.match(text):
+            # Plain digits, just too many of them: say which limit was hit.
+            if len(text.lstrip("-").partition(".")[0]) > 19:
+                raise AmountError(f"{field} is too large", field=field)
+            raise AmountError(f"{field} has more than {cur.exponent} decimal places "
+                              f"for {cur.code}", field=field)
         raise AmountError(f"{field} must be a plain decimal such as \"12.34\" "
                           "(no exponent, sign or separators)", field=field)
     try:
@@ -120,13 +127,28 @@ def parse_amount(value, currency, *, field="amount", allow_zero=False, allow_neg
     return minor
 
 
+def _whole_minor(minor):
+    """``minor`` as an int; a float, bool or fraction of a minor unit is a bug upstream.
+
+    ``int()`` would silently truncate 12.9 to 12, so anything but a whole
+    number is refused. An integral Decimal is fine: PostgreSQL's SUM(bigint)
+    returns numeric.
+    """
+    if isinstance(minor, int) and not isinstance(minor, bool):
+        return minor
+    if isinstance(minor, Decimal) and minor.is_finite() and minor == minor.to_integral_value():
+        return int(minor)
+    raise TypeError(f"minor units must be a whole number, not {type(minor).__name__} {minor!r}")
+
+
 def format_amount(minor, currency):
     """Render integer minor units as the currency's decimal string ("12.34")."""
     cur = currency if isinstance(currency, Currency) else get_currency(currency)
+    minor = _whole_minor(minor)
     if cur.exponent == 0:
-        return str(int(minor))
+        return str(minor)
     sign = "-" if minor < 0 else ""
-    whole, frac = divmod(abs(int(minor)), cur.factor)
+    whole, frac = divmod(abs(minor), cur.factor)
     return f"{sign}{whole}.{frac:0{cur.exponent}d}"
 
 
@@ -138,4 +160,13 @@ def round_to_minor(value, currency):
     neither for nor against the customer.
     """
     cur = currency if isinstance(currency, Currency) else get_currency(currency)
-    return int((Decimal(value) * cur.factor).to_integral_value(rounding=ROUND_HALF_EVEN))
+    if isinstance(value, (float, bool)):
+        # Decimal(1.005) is 1.00499999...: the float already lost the half cent.
+        raise TypeError(f"round_to_minor needs a Decimal, not {type(value).__name__}")
+    try:
+        value = Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise AmountError("amount must be a decimal number", field="amount") from None
+    if not value.is_finite():
+        raise AmountError("amount must be a finite number", field="amount")
+    return int((value * cur.factor).to_integral_value(rounding=ROUND_HALF_EVEN))
