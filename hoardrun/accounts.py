@@ -1,12 +1,19 @@
-"""Opening and managing accounts (balances only ever change through the ledger)."""
+"""Opening and managing accounts (balances only ever change through the ledger).
+
+Every function here takes the calling user's id and answers NotFound for an
+account that exists but is not theirs, exactly as for one that does not
+exist. Every state change writes an audit row in the same transaction.
+"""
 
 import secrets
+import uuid
+from datetime import datetime, timezone
 
 import peewee as pw
 
-from . import errors
-from .db import db
-from .models import ACCOUNT_TYPES, Account
+from . import audit, errors
+from .db import db, is_postgres
+from .models import ACCOUNT_TYPES, SETTLEMENT, Account
 from .money import get_currency
 from .security import luhn_check_digit
 
@@ -14,6 +21,10 @@ from .security import luhn_check_digit
 # Settlement numbers are 8 digits, so the two ranges can never collide.
 ACCOUNT_NUMBER_DIGITS = 11
 _NUMBER_ATTEMPTS = 5
+NAME_MAX = 100
+# A frozen (suspended) account is an admin's decision; the owner cannot
+# close it or make it primary until it is unfrozen.
+_OWNER_MAY_CHANGE = ("active", "inactive")
 
 
 def new_account_number():
@@ -23,7 +34,22 @@ def new_account_number():
     return body + luhn_check_digit(body)
 
 
-def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_limit=0):
+def _clean_name(name):
+    name = (name or "").strip() if isinstance(name, str) else ""
+    if not name or len(name) > NAME_MAX:
+        raise errors.ValidationError(f"name must be 1 to {NAME_MAX} characters", field="name")
+    return name
+
+
+def snapshot(account):
+    """The audit view of an account (no secrets; balances in minor units)."""
+    return {"name": account.name, "type": account.type, "status": account.status,
+            "currency": account.currency, "balance": account.balance,
+            "is_primary": account.is_primary, "account_number": account.account_number}
+
+
+def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_limit=0,
+                 request_id=None):
     """Open an account for ``user_id``; its first account becomes primary.
 
     ``is_primary=True`` makes this the primary account (the previous one is
@@ -33,10 +59,9 @@ def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_li
         raise errors.ValidationError(f"type must be one of {', '.join(ACCOUNT_TYPES)}",
                                      field="type")
     get_currency(currency)
-    name = (name or "").strip()
-    if not name or len(name) > 100:
-        raise errors.ValidationError("name must be 1 to 100 characters", field="name")
+    name = _clean_name(name)
     with db.atomic():
+        _lock_owner(user_id)
         has_primary = (Account.select(Account.id)
                        .where((Account.user == user_id) & (Account.is_primary == True))  # noqa: E712
                        .exists())
@@ -46,17 +71,161 @@ def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_li
         for attempt in range(_NUMBER_ATTEMPTS):
             try:
                 with db.atomic():
-                    return Account.create(user=user_id, account_number=new_account_number(),
-                                          name=name, type=type, currency=currency,
-                                          overdraft_limit=overdraft_limit,
-                                          is_primary=make_primary)
+                    account = Account.create(user=user_id, account_number=new_account_number(),
+                                             name=name, type=type, currency=currency,
+                                             overdraft_limit=overdraft_limit,
+                                             is_primary=make_primary)
+                break
             except pw.IntegrityError as exc:
                 # Only a clash of random numbers is worth another try.
                 if "account_number" not in str(exc) or attempt == _NUMBER_ATTEMPTS - 1:
                     raise
+        audit.record("account.open", "account", account.id, actor_id=user_id,
+                     after=snapshot(account), request_id=request_id)
+    # Re-read so the database's defaults (timestamps) are what the caller sees.
+    return Account.get_by_id(account.id)
+
+
+def list_accounts(user_id):
+    """The user's accounts, oldest first (closed ones included, marked by status)."""
+    return list(Account
+                .select()
+                .where(Account.user == user_id)
+                .order_by(Account.created_at, Account.id))
+
+
+def get_account(user_id, account_id):
+    """The user's account ``account_id``; NotFound if it is missing or someone else's."""
+    account = (Account
+               .select()
+               .where((Account.id == account_id)
+                      & (Account.user == user_id)
+                      & (Account.type != SETTLEMENT))
+               .first())
+    if account is None:
+        raise errors.NotFound("account not found")
+    return account
+
+
+def _locked_account(user_id, account_id):
+    """``get_account`` holding the row lock for the rest of the transaction.
+
+    PostgreSQL: FOR UPDATE, the same lock the ledger takes, so a change here
+    and a money movement on the same account happen one after the other.
+    SQLite: the transaction already holds the database write lock.
+    """
+    query = (Account
+             .select()
+             .where((Account.id == account_id)
+                    & (Account.user == user_id)
+                    & (Account.type != SETTLEMENT)))
+    if is_postgres():
+        query = query.for_update()
+    account = query.first()
+    if account is None:
+        raise errors.NotFound("account not found")
+    return account
+
+
+def rename(user_id, account_id, name, *, request_id=None):
+    """Give the user's account a new display name; return the account."""
+    name = _clean_name(name)
+    with db.atomic():
+        account = _locked_account(user_id, account_id)
+        if account.status == "closed":
+            raise errors.AccountNotActive("a closed account cannot be renamed")
+        if account.name != name:
+            before = {"name": account.name}
+            (Account
+             .update(name=name, updated_at=_now())
+             .where(Account.id == account.id)
+             .execute())
+            audit.record("account.rename", "account", account.id, actor_id=user_id,
+                         before=before, after={"name": name}, request_id=request_id)
+    return get_account(user_id, account_id)
+
+
+def set_primary(user_id, account_id, *, request_id=None):
+    """Make ``account_id`` the user's primary account, atomically.
+
+    The old primary is demoted and the new one promoted in one transaction;
+    the partial unique index ``accounts_one_primary_per_user`` guarantees at
+    most one primary per user even against writers that bypass this code.
+    """
+    with db.atomic():
+        _lock_owner(user_id)
+        account = get_account(user_id, account_id)
+        if account.status != "active":
+            raise errors.AccountNotActive(f"account is {account.status}; only an active "
+                                          "account can be primary")
+        if account.is_primary:
+            return account
+        previous = (Account
+                    .select(Account.id)
+                    .where((Account.user == user_id) & (Account.is_primary == True))  # noqa: E712
+                    .scalar())
+        _demote_primary(user_id)
+        (Account
+         .update(is_primary=True, updated_at=_now())
+         .where(Account.id == account.id)
+         .execute())
+        audit.record("account.set_primary", "account", account.id, actor_id=user_id,
+                     before={"primary_account_id": previous},
+                     after={"primary_account_id": account.id}, request_id=request_id)
+    return get_account(user_id, account_id)
+
+
+def close(user_id, account_id, *, request_id=None):
+    """Close the user's account; only allowed at a zero balance.
+
+    The balance is checked under the same row lock the ledger takes, so no
+    deposit can land between the check and the close. A closed account stops
+    being primary (payments to the user would otherwise bounce off it).
+    """
+    with db.atomic():
+        account = _locked_account(user_id, account_id)
+        if account.status == "closed":
+            raise errors.AccountNotActive("account is already closed")
+        if account.status not in _OWNER_MAY_CHANGE:
+            raise errors.AccountNotActive(f"account is {account.status} and cannot be closed")
+        if account.balance != 0:
+            raise errors.AccountNotEmpty(
+                "only an account with a zero balance can be closed; move the money out first",
+                balance=account.balance)
+        now = _now()
+        (Account
+         .update(status="closed", closed_at=now, is_primary=False, updated_at=now)
+         .where(Account.id == account.id)
+         .execute())
+        audit.record("account.close", "account", account.id, actor_id=user_id,
+                     before=snapshot(account),
+                     after={**snapshot(account), "status": "closed", "is_primary": False},
+                     request_id=request_id)
+    return get_account(user_id, account_id)
+
+
+def _lock_owner(user_id):
+    """Serialise primary-account changes of one user (PostgreSQL; SQLite's
+    write transaction is already exclusive).
+
+    Two concurrent switches (or first-account opens) would otherwise both
+    see the old state and the second would trip the one-primary index. The
+    user row is the lock: the ledger never locks users, so no deadlock.
+    """
+    if is_postgres():
+        db.execute_sql("SELECT id FROM users WHERE id = %s FOR UPDATE", (_uuid(user_id).hex,))
 
 
 def _demote_primary(user_id):
-    (Account.update(is_primary=False)
+    (Account
+     .update(is_primary=False, updated_at=_now())
      .where((Account.user == user_id) & (Account.is_primary == True))  # noqa: E712
      .execute())
+
+
+def _now():
+    return datetime.now(timezone.utc)
+
+
+def _uuid(value):
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
