@@ -1,0 +1,146 @@
+"""Idempotency keys: a money-moving request sent twice moves money once.
+
+A client names a request with an ``Idempotency-Key`` header; keys are per
+user. The first request with a key runs; every later one with the same key
+and the same request (method, path and canonical body) gets the first
+response back, same status and same body, without running again. The same
+key with a different request is refused (``IdempotencyKeyReused``, 422).
+
+How "once" is guaranteed, on both backends, without a lock table or a
+sweeper: the key is claimed with an INSERT into ``idempotency_keys``
+(UNIQUE (user_id, key)) in the SAME database transaction as the movement
+and the stored response.
+
+* PostgreSQL: a second request with the key blocks in its INSERT … ON
+  CONFLICT DO NOTHING on the unique index until the first commits, then
+  finds the row and replays it. If the first rolls back (crash, lost
+  connection, unexpected error), the claim vanishes with the movement and
+  the waiter claims the key and runs: money moves once, and a key is never
+  left half-claimed.
+* SQLite: the transaction starts with BEGIN IMMEDIATE (the write lock up
+  front), so requests with one key simply run one after the other.
+
+Refusals the domain raises on purpose (4xx ``HoardRunError``: insufficient
+funds, not found, …) are part of the first response and are stored too;
+the movement itself runs in a savepoint, so its failure leaves the claim
+usable. Unexpected errors (5xx) roll everything back and store nothing, so
+the client may retry with the same key.
+
+The statements are raw SQL: this runs on every money-moving POST
+(PERFORMANCE.md item 6).
+"""
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+
+from . import errors
+from .db import db
+
+HEADER = "Idempotency-Key"
+KEY_MAX_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The response to send: ``status``, ``body`` (JSON text) and whether it is a replay."""
+
+    status: int
+    body: str
+    replayed: bool
+
+
+def check_key(key):
+    """Return ``key`` if usable (1-255 printable ASCII characters), else ValidationError."""
+    if key is None:
+        return None
+    if (not isinstance(key, str) or not 1 <= len(key) <= KEY_MAX_LENGTH
+            or not all(" " < ch <= "~" for ch in key)):
+        raise errors.ValidationError(
+            f"{HEADER} must be 1 to {KEY_MAX_LENGTH} printable ASCII characters without spaces",
+            field=HEADER)
+    return key
+
+
+def _canonical_default(value):
+    if isinstance(value, (Decimal, uuid.UUID)):
+        return str(value)
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} cannot be part of a request fingerprint")
+
+
+def request_hash(method, path, body):
+    """SHA-256 of method, path and the body as canonical JSON (sorted keys).
+
+    Two bodies that differ only in key order or whitespace hash the same;
+    ``"10.0"`` and ``"10.00"`` do not (the client sent different requests).
+    """
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           default=_canonical_default)
+    text = f"{method.upper()}\n{path}\n{canonical}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _sql(statement):
+    # Written with '?' placeholders; psycopg2 wants '%s'.
+    return statement if db.obj.param == "?" else statement.replace("?", "%s")
+
+
+def _id(value):
+    return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).hex
+
+
+def run(user_id, key, fingerprint, action, *, on_error):
+    """Run ``action`` once per (user, key); return an ``Outcome``.
+
+    ``action()`` returns ``(status, body_text)``; ``on_error(exc)`` turns a
+    4xx ``HoardRunError`` raised by ``action`` into ``(status, body_text)``.
+    Without a key the action simply runs in one transaction, and its errors
+    propagate.
+    """
+    if key is None:
+        with db.atomic():
+            status, body = action()
+        return Outcome(status, body, False)
+
+    user = _id(user_id)
+    with db.atomic():
+        claimed = db.execute_sql(
+            _sql("INSERT INTO idempotency_keys (id, user_id, key, request_hash) "
+                 "VALUES (?, ?, ?, ?) ON CONFLICT (user_id, key) DO NOTHING"),
+            (uuid.uuid4().hex, user, key, fingerprint)).rowcount == 1
+        if not claimed:
+            return _replay(user, key, fingerprint)
+        try:
+            # A savepoint: on PostgreSQL a refused ledger call aborts only
+            # this part, and the claim and the stored refusal still commit.
+            with db.atomic():
+                status, body = action()
+        except errors.HoardRunError as exc:
+            if exc.status >= 500:
+                raise
+            status, body = on_error(exc)
+        db.execute_sql(
+            _sql("UPDATE idempotency_keys SET response_status = ?, response_body = ? "
+                 "WHERE user_id = ? AND key = ?"),
+            (status, body, user, key))
+    return Outcome(status, body, False)
+
+
+def _replay(user, key, fingerprint):
+    row = db.execute_sql(
+        _sql("SELECT request_hash, response_status, response_body FROM idempotency_keys "
+             "WHERE user_id = ? AND key = ?"),
+        (user, key)).fetchone()
+    stored_hash, status, body = row
+    if stored_hash != fingerprint:
+        raise errors.IdempotencyKeyReused(
+            f"this {HEADER} was already used for a different request; "
+            "use a new key for a new request", field=HEADER)
+    if status is None:  # pragma: no cover - claim and response commit together
+        raise errors.Conflict("the first request with this key has not finished; retry")
+    return Outcome(int(status), body, True)
