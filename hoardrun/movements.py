@@ -1,0 +1,197 @@
+"""What a user asks to do with money, turned into ledger calls.
+
+Each function takes the calling user, checks what only the request can
+tell (the amount as a decimal string in the account's currency, the P2P
+recipient), calls ``hoardrun.ledger`` (which alone writes balances and
+entries, and re-checks ownership, status, currency and funds under its
+locks), writes the audit row in the same transaction and returns what the
+client is shown. Nothing here writes money itself.
+
+Every function runs inside the caller's transaction when there is one
+(the idempotency claim), else in its own: the movement and its audit row
+land together or not at all.
+"""
+
+import contextlib
+import uuid
+
+from . import audit, errors, history, ledger
+from .db import db
+from .money import parse_amount
+
+DESCRIPTION_MAX = 500
+
+
+def _transaction():
+    # Inside the idempotency transaction a second savepoint would only cost
+    # round trips: the caller's transaction already makes this atomic.
+    return contextlib.nullcontext() if db.in_transaction() else db.atomic()
+
+
+def _sql(statement):
+    return statement if db.obj.param == "?" else statement.replace("?", "%s")
+
+
+def _id(value, field):
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        raise errors.NotFound("account not found", field=field) from None
+
+
+def _text(value, field):
+    """Optional free text: trimmed, empty means none, at most 500 characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.ValidationError(f"{field} must be text", field=field)
+    value = value.strip()
+    if len(value) > DESCRIPTION_MAX:
+        raise errors.ValidationError(f"{field} must be at most {DESCRIPTION_MAX} characters",
+                                     field=field)
+    return value or None
+
+
+def _account_currency(user_id, account_id, field):
+    """The currency of the user's account (to read the amount in), or NotFound.
+
+    A currency never changes, so reading it before the ledger locks the row
+    is safe; the ledger re-checks ownership and everything else under lock.
+    """
+    row = db.execute_sql(
+        _sql("SELECT currency FROM accounts WHERE id = ? AND user_id = ? "
+             "AND type <> 'settlement'"),
+        (account_id.hex, user_id.hex)).fetchone()
+    if row is None:
+        raise errors.NotFound("account not found", field=field)
+    return row[0]
+
+
+def _movement_audit(action, entity_type, entity_id, user_id, posting, request_id, **extra):
+    audit.record(action, entity_type, entity_id, actor_id=user_id,
+                 after={"movement_id": posting.movement_id, "amount": posting.amount,
+                        "currency": posting.currency, "from_account_id": posting.debit.account_id,
+                        "to_account_id": posting.credit.account_id, **extra},
+                 request_id=request_id)
+
+
+def deposit(user_id, account_id, amount, *, description=None, request_id=None):
+    """Deposit into my account from outside (the sandbox's funding path); return the Entry."""
+    return _cash(user_id, account_id, amount, description, request_id, inbound=True)
+
+
+def withdraw(user_id, account_id, amount, *, description=None, request_id=None):
+    """Withdraw from my account to outside (overdraft rule applies); return the Entry."""
+    return _cash(user_id, account_id, amount, description, request_id, inbound=False)
+
+
+def _cash(user_id, account_id, amount, description, request_id, *, inbound):
+    user_id, account_id = _id(user_id, "user_id"), _id(account_id, "account_id")
+    description = _text(description, "description")
+    with _transaction():
+        minor = parse_amount(amount, _account_currency(user_id, account_id, "account_id"))
+        operation = ledger.deposit if inbound else ledger.withdraw
+        posting = operation(account_id, minor, user_id=user_id, description=description)
+        mine = posting.credit if inbound else posting.debit
+        _movement_audit("deposit.create" if inbound else "withdrawal.create", "transaction",
+                        mine.entry_id, user_id, posting, request_id)
+        # Read back through the history query, so this response has exactly
+        # the shape (and values) GET /transactions/{id} will show.
+        return history.entry(user_id, mine.entry_id)
+
+
+def transfer(user_id, from_account_id, to_account_id, amount, *, currency=None,
+             description=None, request_id=None):
+    """Move money between two of my accounts (same currency); return the TransferRecord."""
+    user_id = _id(user_id, "user_id")
+    from_id = _id(from_account_id, "from_account_id")
+    to_id = _id(to_account_id, "to_account_id")
+    description = _text(description, "description")
+    with _transaction():
+        source_currency = _account_currency(user_id, from_id, "from_account_id")
+        minor = parse_amount(amount, source_currency)
+        posting = ledger.transfer(user_id, from_id, to_id, minor, currency=currency,
+                                  description=description)
+        _movement_audit("transfer.create", "transfer", posting.movement_id, user_id, posting,
+                        request_id)
+    # Built from the posting: this is the hot path, and the ledger wrote the
+    # transfer row from exactly these values in the same transaction.
+    return history.TransferRecord(
+        id=posting.movement_id, reference=ledger.new_reference("TRF", posting.movement_id),
+        from_account_id=from_id, to_account_id=to_id, amount=posting.amount,
+        currency=posting.currency, fee=0, description=description, status="completed",
+        created_at=posting.posted_at, completed_at=posting.posted_at)
+
+
+def find_recipient(sender_id, *, email=None, user_id=None):
+    """``(user_id, display name, primary account id or None)`` of an active user.
+
+    Exactly one of ``email`` / ``user_id``. Unknown, inactive and
+    not-a-customer recipients are all the same NotFound; paying yourself is
+    SameAccount.
+    """
+    if (email is None) == (user_id is None):
+        raise errors.ValidationError("give the recipient's email or user_id (one of them)",
+                                     field="recipient")
+    if email is not None:
+        if not isinstance(email, str):
+            raise errors.ValidationError("email must be text", field="recipient_email")
+        condition, value = "u.email = ?", email.strip().lower()
+    else:
+        try:
+            value = _id(user_id, "recipient_user_id").hex
+        except errors.NotFound:
+            raise errors.NotFound("recipient not found", field="recipient") from None
+        condition = "u.id = ?"
+    row = db.execute_sql(
+        _sql("SELECT u.id, u.first_name, u.last_name, a.id FROM users u "
+             "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = ? "
+             f"WHERE {condition} AND u.status = 'active'"),
+        (True, value)).fetchone()
+    if row is None:
+        raise errors.NotFound("recipient not found", field="recipient")
+    recipient = uuid.UUID(str(row[0]))
+    if recipient == sender_id:
+        raise errors.SameAccount("you cannot pay yourself; use a transfer between your accounts",
+                                 field="recipient")
+    return recipient, history.display_name(row[1], row[2]), (
+        None if row[3] is None else uuid.UUID(str(row[3])))
+
+
+def _primary_account(user_id):
+    row = db.execute_sql(
+        _sql("SELECT id FROM accounts WHERE user_id = ? AND is_primary = ?"),
+        (user_id.hex, True)).fetchone()
+    if row is None:
+        raise errors.NotFound("you have no primary account; give from_account_id",
+                              field="from_account_id")
+    return uuid.UUID(str(row[0]))
+
+
+def p2p(user_id, amount, *, recipient_email=None, recipient_user_id=None,
+        from_account_id=None, currency=None, note=None, request_id=None):
+    """Pay another user, into their PRIMARY account, from my account; return the Payment.
+
+    ``from_account_id`` defaults to my primary account. Same currency only.
+    """
+    user_id = _id(user_id, "user_id")
+    note = _text(note, "note")
+    with _transaction():
+        recipient, name, recipient_account = find_recipient(
+            user_id, email=recipient_email, user_id=recipient_user_id)
+        if recipient_account is None:
+            raise errors.NotFound("the recipient has no primary account to receive payments",
+                                  field="recipient")
+        source = (_primary_account(user_id) if from_account_id is None
+                  else _id(from_account_id, "from_account_id"))
+        minor = parse_amount(amount, _account_currency(user_id, source, "from_account_id"))
+        posting = ledger.p2p_payment(user_id, source, recipient_account, minor,
+                                     currency=currency, note=note)
+        _movement_audit("p2p.create", "p2p", posting.movement_id, user_id, posting, request_id,
+                        recipient_id=recipient)
+    return history.Payment(
+        id=posting.movement_id, reference=ledger.new_reference("P2P", posting.movement_id),
+        direction="sent", account_id=source,
+        counterparty=history.Counterparty("user", user_id=recipient, name=name),
+        amount=posting.amount, currency=posting.currency, note=note, status="completed",
+        created_at=posting.posted_at, completed_at=posting.posted_at)
