@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -88,6 +88,13 @@ class Settings:
         """Return a copy with ``changes`` applied (tests pin settings this way)."""
         return replace(self, **changes)
 
+    def __repr__(self):
+        # The generated repr would print the URL's password into any log or
+        # traceback that shows the settings; secrets are left out entirely.
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        values["database_url"] = mask_url(self.database_url)
+        return "Settings({})".format(", ".join(f"{k}={v!r}" for k, v in values.items()))
+
 
 def mask_url(url):
     """Return ``url`` with any user and password replaced by ``***``.
@@ -106,7 +113,12 @@ def mask_url(url):
         (k + "=***") if "pass" in k.lower() else (k + ("=" + v if sep else ""))
         for k, sep, v in (p.partition("=") for p in parts.query.split("&") if p)
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if "://" not in url:
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # NOTE: urlunsplit drops an empty authority, turning sqlite:////abs/x.db
+    # into sqlite://abs/x.db (a host named "abs"), so rebuild by hand.
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def _bad(name, value, allowed):
@@ -170,6 +182,10 @@ def _database_url(environ, env):
                 "DATABASE_URL is not set: production requires a postgresql:// URL")
         return f"sqlite:///{DEFAULT_SQLITE_FILE}", True
     scheme = raw.split(":", 1)[0].lower() if ":" in raw else ""
+    if scheme in URL_SCHEMES:
+        # Schemes are case-insensitive (RFC 3986), but the rest of the code
+        # tells the backends apart by prefix: PostgreSQL:// must not become SQLite.
+        raw = scheme + raw[len(scheme):]
     if scheme not in URL_SCHEMES:
         raise _bad("DATABASE_URL", raw, "a postgresql://… or sqlite:///path URL")
     if env == "production" and scheme == "sqlite":
