@@ -1,0 +1,458 @@
+"""Operator tasks: ``invoke --list`` shows them, ``invoke --help TASK`` explains one.
+
+Every task reads its settings from the real environment when it runs (never
+at import), fails with one line and exit code 1 instead of a traceback, and
+uses only Python APIs (no shell pipes, pty or chdir) so it works on Windows.
+
+NOTE: ``hoardrun`` is imported inside the tasks, not at the top: ``invoke
+test --coverage`` starts coverage inside ``pytest.main``, and modules this
+process had already imported would show their top-level lines as missed.
+"""
+
+import logging
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from invoke import Collection, Exit, task
+
+ROOT = Path(__file__).resolve().parent
+MIGRATION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,59}$")
+MAINTENANCE_DB = "postgres"
+
+
+# --------------------------------------------------------------------------- helpers
+
+class _ConciseFormatter(logging.Formatter):
+    """INFO lines as the bare message, warnings with their level, never a traceback."""
+
+    def format(self, record):
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        return message
+
+
+def _setup_logging():
+    """Send our INFO lines to stderr, one line each (idempotent)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_hoardrun_tasks", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_ConciseFormatter())
+        handler._hoardrun_tasks = True
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("hoardrun").setLevel(logging.INFO)
+    # The tasks print their own line per migration and turn a failure into one
+    # line; the router would log the same failure again with a traceback.
+    logging.getLogger("hoardrun.migrations").setLevel(logging.CRITICAL)
+    logging.getLogger("peewee_migrate").setLevel(logging.WARNING)
+
+
+def _url_secrets(url):
+    """The password in ``url`` (raw and decoded), to scrub from any message."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ()
+    return tuple(s for s in {password, unquote(password)} if s) if password else ()
+
+
+def _one_line(error, secrets=()):
+    """``error`` as one line of text with any known secret replaced by ``***``."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _settings():
+    """Settings from the environment, or exit with the one-line reason."""
+    from hoardrun.config import load_settings
+    from hoardrun.errors import ConfigError
+
+    _setup_logging()
+    try:
+        return load_settings()
+    except ConfigError as error:
+        raise Exit(str(error), code=1) from None
+
+
+def _database_errors():
+    import sqlite3
+
+    import peewee
+    import psycopg2
+
+    from hoardrun.db import UNAVAILABLE_ERRORS
+
+    return UNAVAILABLE_ERRORS + (peewee.DatabaseError, psycopg2.Error, sqlite3.Error)
+
+
+@contextmanager
+def _database(settings=None):
+    """Bind and connect the database; turn every expected failure into one line."""
+    from hoardrun import db as dbm
+    from hoardrun.errors import HoardRunError
+
+    settings = settings or _settings()
+    secrets = _url_secrets(settings.database_url)
+    where = settings.masked_database_url
+    errors = _database_errors()
+    try:
+        database = dbm.init_db(settings)
+        try:
+            try:
+                database.connect(reuse_if_open=True)
+            except errors as error:
+                raise Exit(f"cannot connect to the database at {where}: "
+                           f"{_one_line(error, secrets)}", code=1) from None
+            yield settings, database
+        finally:
+            dbm.release_connection()
+            dbm.close_db()
+    except HoardRunError as error:
+        raise Exit(_one_line(error, secrets), code=1) from None
+    except errors as error:
+        raise Exit(f"database error at {where}: {_one_line(error, secrets)}", code=1) from None
+
+
+@contextmanager
+def _guard_settings(settings):
+    """One-line failures for work done before ``_database`` is entered."""
+    try:
+        yield
+    except _database_errors() as error:
+        raise Exit(f"database error at {settings.masked_database_url}: "
+                   f"{_one_line(error, _url_secrets(settings.database_url))}", code=1) from None
+
+
+def _migration_state(database):
+    """``(applied, pending, unknown)`` migration names, without writing anything.
+
+    ``unknown`` are applied migrations whose file is not in this checkout.
+    """
+    from hoardrun import schema
+
+    on_disk = schema.all_migrations()
+    if not database.table_exists(schema.MIGRATE_TABLE):
+        return [], on_disk, []
+    applied = schema.applied_migrations(database)
+    done = set(applied)
+    pending = [name for name in on_disk if name not in done]
+    unknown = [name for name in applied if name not in set(on_disk)]
+    return applied, pending, unknown
+
+
+def _require_migrated(database):
+    _, pending, _ = _migration_state(database)
+    if pending:
+        raise Exit(f"{len(pending)} migration(s) pending ({', '.join(pending)}): "
+                   "run `invoke db.migrate` first", code=1)
+
+
+def _apply_migrations(settings, database):
+    """Apply pending migrations one by one, printing each; return their names."""
+    from hoardrun import schema
+
+    _, pending, _ = _migration_state(database)
+    for name in pending:
+        try:
+            schema.migrate(database, target=name)
+        except Exception as error:  # noqa: BLE001  a migration is code we did not write here
+            detail = _one_line(error, _url_secrets(settings.database_url))
+            if not isinstance(error, _database_errors()):
+                detail = f"{type(error).__name__}: {detail}"
+            raise Exit(f"migration {name} failed and was rolled back: {detail}",
+                       code=1) from None
+        print(f"applied {name}")
+    if not pending:
+        print("database is up to date: no migration pending")
+    return pending
+
+
+def _create_postgres_database_if_missing(settings):
+    """Create the PostgreSQL database named in the URL when the server lacks it.
+
+    Checked through the maintenance database rather than by parsing the
+    (localised) connection error; any other failure is left to the caller.
+    """
+    from hoardrun import db as dbm
+
+    parts = urlsplit(settings.database_url)
+    name = unquote(parts.path.lstrip("/"))
+    if not name or name == MAINTENANCE_DB:
+        return False
+    target = dbm.build_database(settings)
+    try:
+        target.connect()
+        return False
+    except _database_errors():
+        pass  # the connection error is reported by the caller if it persists
+    finally:
+        target.close_all()
+    admin_url = urlunsplit((parts.scheme, parts.netloc, "/" + MAINTENANCE_DB, parts.query, ""))
+    admin = dbm.build_database(settings.replace(database_url=admin_url))
+    try:
+        exists = admin.execute_sql("SELECT 1 FROM pg_database WHERE datname = %s",
+                                   (name,)).fetchone()
+        if exists:
+            return False
+        # Identifiers cannot be parameters; double quotes inside are doubled.
+        admin.execute_sql('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
+    except _database_errors():
+        return False
+    finally:
+        admin.close_all()
+    logging.getLogger("hoardrun.tasks").info("created database %s", name)
+    return True
+
+
+def _drop_everything(database):
+    """Drop every table, view and routine of the schema (SQLite or PostgreSQL)."""
+    from hoardrun import db as dbm
+
+    if dbm.is_postgres():
+        with database.atomic():
+            statements = [f'DROP VIEW IF EXISTS "{v}" CASCADE' for (v,) in database.execute_sql(
+                "SELECT viewname FROM pg_views WHERE schemaname = current_schema()")]
+            statements += [f'DROP TABLE IF EXISTS "{t}" CASCADE' for (t,) in database.execute_sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+            # Routines and types the migrations created (not those of extensions).
+            statements += [f"DROP ROUTINE IF EXISTS {r} CASCADE" for (r,) in database.execute_sql(
+                "SELECT p.oid::regprocedure::text FROM pg_proc p"
+                " JOIN pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = current_schema() AND p.prokind IN ('f', 'p')"
+                " AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+                "                 WHERE d.objid = p.oid AND d.deptype = 'e')")]
+            statements += [f"DROP SEQUENCE IF EXISTS \"{s}\" CASCADE" for (s,) in database.execute_sql(
+                "SELECT sequence_name FROM information_schema.sequences"
+                " WHERE sequence_schema = current_schema()")]
+            statements += [f"DROP TYPE IF EXISTS {t} CASCADE" for (t,) in database.execute_sql(
+                "SELECT t.oid::regtype::text FROM pg_type t"
+                " JOIN pg_namespace n ON n.oid = t.typnamespace"
+                " LEFT JOIN pg_class r ON r.oid = t.typrelid"
+                " WHERE n.nspname = current_schema()"
+                # enums, domains, ranges and free-standing composites (not row types of tables)
+                " AND (t.typtype IN ('e', 'd', 'r') OR (t.typtype = 'c' AND r.relkind = 'c'))"
+                " AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+                "                 WHERE d.objid = t.oid AND d.deptype = 'e')")]
+            for statement in statements:
+                database.execute_sql(statement)
+        return
+    # SQLite: with foreign keys on, DROP TABLE first deletes every row and
+    # checks references, so the order would matter; switch them off meanwhile.
+    database.execute_sql("PRAGMA foreign_keys = OFF")
+    try:
+        for kind in ("view", "table"):
+            names = [n for (n,) in database.execute_sql(
+                "SELECT name FROM sqlite_master WHERE type = ? AND name NOT LIKE 'sqlite_%'",
+                (kind,))]
+            for name in names:
+                database.execute_sql('DROP {} IF EXISTS "{}"'.format(kind.upper(), name))
+    finally:
+        database.execute_sql("PRAGMA foreign_keys = ON")
+
+
+def _confirm(question):
+    """Ask ``question`` on the terminal; exit unless the answer is ``yes``."""
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise Exit("refusing to continue without confirmation: no terminal to ask on, "
+                   "pass --yes", code=1)
+    try:
+        answer = input(f"{question} Type 'yes' to continue: ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() != "yes":
+        raise Exit("cancelled: nothing was changed", code=1)
+
+
+# --------------------------------------------------------------------------- db.*
+
+@task(help={"verbose": "also show environment, live pool numbers, timeouts and each migration"})
+def check(c, verbose=False):
+    """Report connection, server, pool, SSL and migrations; exit 1 when not healthy."""
+    from hoardrun import db as dbm
+
+    with _database() as (settings, database):
+        version = dbm.server_version()
+        ssl = dbm.ssl_in_use()
+        applied, pending, unknown = _migration_state(database)
+        live = dbm.pool_info()
+    print(f"database:   {settings.masked_database_url}")
+    print(f"server:     {version}")
+    if verbose:
+        print(f"env:        {settings.env}")
+    print(f"pool:       size {settings.pool_size}, max overflow {settings.max_overflow}"
+          f" (at most {settings.max_connections} connections), timeout {settings.pool_timeout:g}s,"
+          f" recycle {settings.pool_recycle}s, pre-ping {'on' if settings.pool_pre_ping else 'off'}")
+    if verbose:
+        print(f"pool now:   {live['checked_out']} checked out, {live['checked_in']} idle,"
+              f" {live['overflow']} overflow")
+        print(f"timeouts:   connect {settings.connect_timeout}s, statement {settings.command_timeout}s")
+    if ssl is None:
+        print("ssl:        not applicable (SQLite file)")
+    else:
+        print(f"ssl:        {'in use' if ssl else 'not in use'} (sslmode={settings.ssl_mode})")
+    print(f"migrations: {len(applied)} applied, {len(pending)} pending")
+    if verbose:
+        for name in applied:
+            print(f"  [x] {name}" + ("  (file missing from migrations/)" if name in unknown else ""))
+        for name in pending:
+            print(f"  [ ] {name}")
+    if pending:
+        raise Exit(f"not healthy: {len(pending)} migration(s) pending ({', '.join(pending)}): "
+                   "run `invoke db.migrate`", code=1)
+    if unknown:
+        raise Exit(f"not healthy: applied migration(s) missing from migrations/ "
+                   f"({', '.join(unknown)}): is this checkout older than the database?", code=1)
+    print("status:     healthy")
+
+
+@task
+def init(c):
+    """Create the database if it is missing (PostgreSQL) and apply every migration."""
+    settings = _settings()
+    if settings.is_postgres:
+        with _guard_settings(settings):
+            _create_postgres_database_if_missing(settings)
+    with _database(settings) as (settings, database):
+        _apply_migrations(settings, database)
+
+
+@task
+def migrate(c):
+    """Apply the pending migrations."""
+    with _database() as (settings, database):
+        _apply_migrations(settings, database)
+
+
+@task(help={"steps": "how many of the latest applied migrations to undo (default 1)"})
+def rollback(c, steps=1):
+    """Undo the latest applied migration(s) with their rollback code."""
+    from hoardrun import schema
+
+    if steps < 1:
+        raise Exit(f"--steps must be 1 or more, got {steps}", code=1)
+    with _database() as (settings, database):
+        try:
+            undone = schema.rollback(database, steps=steps)
+        except ValueError as error:
+            raise Exit(str(error), code=1) from None
+    for name in undone:
+        print(f"rolled back {name}")
+
+
+@task
+def history(c):
+    """List every migration, applied [x] or pending [ ]."""
+    with _database() as (settings, database):
+        applied, pending, unknown = _migration_state(database)
+    for name in applied:
+        print(f"[x] {name}" + ("  (file missing from migrations/)" if name in unknown else ""))
+    for name in pending:
+        print(f"[ ] {name}")
+    print(f"{len(applied)} applied, {len(pending)} pending")
+
+
+@task
+def current(c):
+    """Print the latest applied migration."""
+    with _database() as (settings, database):
+        applied, _, _ = _migration_state(database)
+    print(applied[-1] if applied else "no migration applied")
+
+
+@task(help={"name": "what the migration does, in snake_case (e.g. add_user_nickname)"})
+def makemigration(c, name):
+    """Write migrations/NNN_NAME.py from the models' difference to the migrations."""
+    from hoardrun import models, schema
+
+    if not MIGRATION_NAME.match(name):
+        raise Exit(f"migration name {name!r} is not valid: expected lowercase letters, "
+                   "digits and underscores, starting with a letter", code=1)
+    with _database() as (settings, database):
+        created = schema.router(database).create(name, auto=list(models.MODELS))
+    if not created:
+        print("no changes: the models match the migrations")
+        return
+    print(f"created {schema.MIGRATIONS_DIR / (created + '.py')}")
+    # NOTE: autogeneration cannot see CHECK constraints, partial indexes or
+    # triggers, and reads a rename as drop + add: a human must review it.
+    print("review it before applying: add CHECKs, partial indexes and triggers by hand, "
+          "and make rollback real")
+
+
+@task
+def sample(c):
+    """Load the demo users, accounts and history (idempotent; refused in production)."""
+    settings = _settings()
+    if settings.is_production:
+        raise Exit("db.sample is refused when HOARDRUN_ENV=production", code=1)
+    with _database(settings) as (settings, database):
+        from hoardrun.sample import load_sample_data
+
+        _require_migrated(database)
+        report = load_sample_data()
+    for line in report:
+        print(line)
+
+
+@task(help={"yes": "do not ask for confirmation (required when there is no terminal)"})
+def reset(c, yes=False):
+    """Drop all tables and data, then re-apply every migration (refused in production)."""
+    settings = _settings()
+    if settings.is_production:
+        raise Exit("db.reset is refused when HOARDRUN_ENV=production", code=1)
+    if not yes:
+        _confirm(f"This drops ALL tables and data in {settings.masked_database_url}.")
+    with _database(settings) as (settings, database):
+        _drop_everything(database)
+        print(f"dropped every table in {settings.masked_database_url}")
+        _apply_migrations(settings, database)
+
+
+@task
+def verify(c):
+    """Check the ledger invariants; print each problem and exit 1 on any drift."""
+    with _database() as (settings, database):
+        from hoardrun import ledger
+
+        _require_migrated(database)
+        problems = ledger.verify()
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise Exit(f"ledger drift: {len(problems)} problem(s) found", code=1)
+    print("ledger verified: balances match their entries and every currency sums to zero")
+
+
+# --------------------------------------------------------------------------- test
+
+@task(help={
+    "database_only": "run only the database tests (tests/integration)",
+    "coverage": "measure coverage of hoardrun/ and list the lines never run",
+    "specific": "run only this test file, directory or node id",
+})
+def test(c, database_only=False, coverage=False, specific=None):
+    """Run the tests with pytest (PostgreSQL as well when TEST_DATABASE_URL is set)."""
+    import pytest
+
+    if database_only and specific:
+        raise Exit("use either --database-only or --specific, not both", code=1)
+    args = [specific] if specific else [
+        str(ROOT / "tests" / "integration") if database_only else str(ROOT / "tests")]
+    if coverage:
+        args += [f"--cov={ROOT / 'hoardrun'}", "--cov-report=term-missing"]
+    code = int(pytest.main(args))
+    if code != 0:
+        raise Exit(f"tests failed: pytest exit code {code}", code=code)
+
+
+db = Collection("db", check, init, migrate, rollback, history, current, makemigration,
+                sample, reset, verify)
+# Top level: `test` now; `serve` and `bench` are added next to it.
+ns = Collection(test)
+ns.add_collection(db)
