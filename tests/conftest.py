@@ -85,6 +85,23 @@ def pytest_sessionstart(session):
                     returncode=3)
 
 
+def fail_skips_in_ci(session):
+    """In CI a skipped test is a failed run: PostgreSQL tests must really run there."""
+    if os.environ.get("CI", "").lower() != "true" or session.exitstatus != 0:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", ())) if reporter else 0
+    if skipped:
+        if reporter:
+            reporter.write_sep("=", f"CI=true: {skipped} test(s) skipped, failing the run",
+                               red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_sessionfinish(session):
+    fail_skips_in_ci(session)
+
+
 @pytest.fixture(scope="session")
 def migrated_sqlite(tmp_path_factory):
     """A SQLite file built by the real migrations, copied for each test."""
