@@ -33,9 +33,13 @@ def record(action, entity_type, entity_id=None, *, actor_id=None, before=None, a
     """
     row_id = uuid.uuid4()
     param = "%s" if db.obj.param == "%s" else "?"
+    # PostgreSQL: the column DEFAULT (the transaction's time, microseconds).
+    # SQLite's CURRENT_TIMESTAMP has whole seconds only, which would list the
+    # rows of one second in random order: take milliseconds there.
+    created = "DEFAULT" if param == "%s" else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
     db.execute_sql(
         "INSERT INTO audit_log (id, actor_id, action, entity_type, entity_id, before, after, "
-        f"request_id) VALUES ({', '.join([param] * 8)})",
+        f"request_id, created_at) VALUES ({', '.join([param] * 8)}, {created})",
         (row_id.hex, None if actor_id is None else uuid.UUID(str(actor_id)).hex, action,
          entity_type, None if entity_id is None else str(entity_id), _dump(before),
          _dump(after), request_id))

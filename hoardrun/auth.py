@@ -1,0 +1,270 @@
+"""Bearer tokens (issue, look up, revoke) and logging in with login throttling.
+
+Tokens are opaque random strings (``security.new_token``); only their
+SHA-256 is stored, so a copy of ``auth_tokens`` opens no session.
+``authenticate`` runs on every request, so it is ONE reviewed SQL statement
+through the pool (PERFORMANCE.md items 1 and 6): token and user joined, and
+only an unrevoked, unexpired token of an *active* user matches. Suspending
+a user therefore ends their sessions at once, without touching the tokens.
+
+Login throttling: 5 consecutive failed logins for one email, each within
+15 minutes of the previous one, lock that email for 15 minutes
+(``users.failed_logins``/``locked_until``); while locked every attempt, even
+with the right password, is ``TooManyAttempts`` with ``retry_after`` seconds
+and costs no password hash. A success resets the count. Emails without a
+user are throttled the same way in memory, so a lockout does not reveal
+which emails have accounts; an unknown email also spends a dummy hash, so
+the timing does not either.
+"""
+
+import math
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from peewee import Case
+
+from . import audit, errors
+from .config import DEFAULT_TOKEN_TTL
+from .db import db
+from .models import AuthToken, User
+from .security import (
+    dummy_verify, hash_password, hash_token, looks_like_token, needs_rehash, new_token,
+    verify_password,
+)
+
+MAX_FAILED_LOGINS = 5
+FAILURE_WINDOW = timedelta(minutes=15)
+LOCK_DURATION = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class CurrentUser:
+    """Who is calling: what ``authenticate`` found for a bearer token."""
+
+    id: uuid.UUID
+    email: str
+    role: str
+    status: str
+
+    @property
+    def is_admin(self):
+        return self.role == "admin"
+
+
+def utcnow():
+    """The current time, UTC-aware."""
+    return datetime.now(timezone.utc)
+
+
+def _db_time(value):
+    # The column's own conversion: aware datetime on PostgreSQL, fixed-shape
+    # text on SQLite (so text comparison is time comparison).
+    return AuthToken.expires_at.db_value(value)
+
+
+def _param():
+    return db.obj.param
+
+
+# --------------------------------------------------------------------------
+# Tokens
+
+_AUTHENTICATE_SQL = (
+    "SELECT u.id, u.email, u.role, u.status"
+    " FROM auth_tokens t JOIN users u ON u.id = t.user_id"
+    " WHERE t.token_hash = {p} AND t.revoked_at IS NULL AND t.expires_at > {p}"
+    " AND u.status = 'active'")
+_AUTHENTICATE = {p: _AUTHENTICATE_SQL.format(p=p) for p in ("%s", "?")}
+
+
+def authenticate(token, *, now=None):
+    """Return the ``CurrentUser`` for a live token of an active user, else None.
+
+    One indexed statement (``auth_tokens.token_hash`` is UNIQUE); garbage
+    that does not even look like a token never reaches the database.
+    """
+    if not looks_like_token(token):
+        return None
+    row = db.execute_sql(_AUTHENTICATE[_param()],
+                         (hash_token(token), _db_time(now or utcnow()))).fetchone()
+    if row is None:
+        return None
+    user_id, email, role, status = row
+    return CurrentUser(uuid.UUID(str(user_id)), email, role, status)
+
+
+def issue_token(user_id, *, ttl=DEFAULT_TOKEN_TTL, now=None):
+    """Store a new token for ``user_id``; return ``(token, expires_at)``.
+
+    The token itself is returned exactly once, here; only its hash is kept.
+    """
+    token = new_token()
+    expires_at = (now or utcnow()) + timedelta(seconds=ttl)
+    AuthToken.insert(id=uuid.uuid4(), user=user_id, token_hash=hash_token(token),
+                     expires_at=expires_at).execute()
+    return token, expires_at
+
+
+def revoke(token, *, now=None):
+    """Revoke ``token``; return True if a live token was revoked."""
+    if not looks_like_token(token):
+        return False
+    return bool(AuthToken
+                .update(revoked_at=now or utcnow())
+                .where((AuthToken.token_hash == hash_token(token))
+                       & AuthToken.revoked_at.is_null())
+                .execute())
+
+
+def revoke_all(user_id, *, keep_token=None, now=None):
+    """Revoke every live token of ``user_id`` except ``keep_token``; return how many."""
+    condition = (AuthToken.user == user_id) & AuthToken.revoked_at.is_null()
+    if keep_token is not None:
+        condition &= AuthToken.token_hash != hash_token(keep_token)
+    return AuthToken.update(revoked_at=now or utcnow()).where(condition).execute()
+
+
+def logout(user_id, token, *, request_id=None, now=None):
+    """Revoke the caller's ``token`` (other sessions stay) and audit it."""
+    with db.atomic():
+        if revoke(token, now=now):
+            audit.record("auth.logout", "user", user_id, actor_id=user_id,
+                         request_id=request_id)
+
+
+# --------------------------------------------------------------------------
+# Login
+
+def normalise_email(email):
+    """Emails are compared and stored trimmed and lower-case."""
+    return email.strip().lower() if isinstance(email, str) else ""
+
+
+def _retry_after(locked_until, now):
+    return max(1, math.ceil((locked_until - now).total_seconds()))
+
+
+def _locked(retry_after):
+    return errors.TooManyAttempts(
+        f"too many failed logins; try again in {retry_after} seconds", retry_after=retry_after)
+
+
+class _UnknownEmailThrottle:
+    """The same lockout rule for emails that have no user, kept in memory.
+
+    Bounded (oldest entries dropped) so a flood of random emails cannot grow
+    it without limit. Per process: good enough for its one purpose, making
+    unknown emails behave like known ones.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries = OrderedDict()  # email -> [failures, last_failure, locked_until]
+
+    def retry_after(self, email, now):
+        with self._lock:
+            entry = self._entries.get(email)
+            if entry and entry[2] and entry[2] > now:
+                return _retry_after(entry[2], now)
+            return None
+
+    def fail(self, email, now):
+        with self._lock:
+            entry = self._entries.pop(email, None)
+            if entry is None or now - entry[1] > FAILURE_WINDOW:
+                entry = [0, now, None]
+            entry[0] += 1
+            entry[1] = now
+            entry[2] = now + LOCK_DURATION if entry[0] >= MAX_FAILED_LOGINS else None
+            self._entries[email] = entry
+            while len(self._entries) > self.MAX_ENTRIES:
+                self._entries.popitem(last=False)
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+unknown_emails = _UnknownEmailThrottle()
+
+
+def login(email, password, *, ttl=DEFAULT_TOKEN_TTL, request_id=None, now=None):
+    """Check ``email``/``password`` and issue a token; return ``(user, token, expires_at)``.
+
+    Raises InvalidCredentials (unknown email and wrong password alike),
+    TooManyAttempts while the email is locked, UserNotActive for a suspended,
+    deactivated or pending user who gave the right password (only then, so
+    the status is not revealed to someone guessing).
+    """
+    now = now or utcnow()
+    email = normalise_email(email)
+    user = User.get_or_none(User.email == email) if email else None
+    if user is None:
+        retry = unknown_emails.retry_after(email, now)
+        if retry:
+            raise _locked(retry)
+        dummy_verify()
+        unknown_emails.fail(email, now)
+        raise errors.InvalidCredentials("email or password is incorrect")
+    check_password(user, password, request_id=request_id, now=now)
+    if user.status != "active":
+        raise errors.UserNotActive(f"this user is {user.status} and cannot log in")
+    with db.atomic():
+        changes = {User.failed_logins: 0, User.locked_until: None, User.last_login_at: now,
+                   User.updated_at: now}
+        if needs_rehash(user.password_hash):
+            # Cost parameters were raised since this hash was made.
+            changes[User.password_hash] = hash_password(password)
+        User.update(changes).where(User.id == user.id).execute()
+        token, expires_at = issue_token(user.id, ttl=ttl, now=now)
+        audit.record("auth.login", "user", user.id, actor_id=user.id,
+                     after={"token_expires_at": expires_at}, request_id=request_id)
+    user.failed_logins, user.locked_until, user.last_login_at = 0, None, now
+    return user, token, expires_at
+
+
+def check_password(user, password, *, request_id=None, now=None):
+    """Verify ``password`` for ``user`` under the lockout rule, or raise.
+
+    Used by login and by a password change (a stolen token must not become
+    an unthrottled way to guess the password). Raises TooManyAttempts while
+    locked (without hashing) and InvalidCredentials on a mismatch, after
+    counting the failure.
+    """
+    now = now or utcnow()
+    if user.locked_until is not None and user.locked_until > now:
+        raise _locked(_retry_after(user.locked_until, now))
+    if verify_password(user.password_hash, password):
+        return
+    _count_failure(user.id, request_id, now)
+    raise errors.InvalidCredentials("email or password is incorrect")
+
+
+def _count_failure(user_id, request_id, now):
+    """Add one failed login in ONE atomic UPDATE (concurrent failures all count)."""
+    # updated_at doubles as "time of the last failure": every failed login
+    # bumps it, and a failure more than FAILURE_WINDOW after it starts over.
+    # NOTE: values inside CASE are not converted by the column, hence _db_time.
+    count = Case(None, [(User.updated_at < _db_time(now - FAILURE_WINDOW), 1)],
+                 User.failed_logins + 1)
+    with db.atomic():
+        (User
+         .update({User.failed_logins: count,
+                  User.locked_until: Case(None, [(count >= MAX_FAILED_LOGINS,
+                                                  _db_time(now + LOCK_DURATION))], None),
+                  User.updated_at: now})
+         .where(User.id == user_id)
+         .execute())
+        failures, locked_until = (User
+                                  .select(User.failed_logins, User.locked_until)
+                                  .where(User.id == user_id)
+                                  .tuples()
+                                  .get())
+        audit.record("auth.login_failed", "user", user_id,
+                     after={"failed_logins": failures, "locked_until": locked_until},
+                     request_id=request_id)
