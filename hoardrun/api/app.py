@@ -19,8 +19,15 @@ from .. import __version__
 from ..config import load_settings
 from ..db import init_db
 from ..health import Health, utc_now
+from . import accounts as accounts_routes
+from . import admin as admin_routes
+from . import auth as auth_routes
 from . import health as health_routes
 from . import media, openapi, problems
+from . import money as money_routes
+from . import transactions as transactions_routes
+from . import users as users_routes
+from .auth import Authentication
 from .middleware import RequestContext, new_request_id
 
 
@@ -34,7 +41,9 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
     clock = clock or utc_now
     monotonic = monotonic or time.monotonic
     middleware = [RequestContext(max_body_bytes=settings.max_body_bytes,
-                                 id_factory=id_factory or new_request_id)]
+                                 id_factory=id_factory or new_request_id),
+                  # After RequestContext, so a 401/403 carries the request id.
+                  Authentication(clock=clock)]
     if settings.cors_origins:
         # Falcon's CORS: answers preflight OPTIONS and adds the allow headers
         # for listed origins only; X-Request-ID is exposed to browser code.
@@ -45,13 +54,19 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
     app = falcon.App(middleware=middleware)
     media.configure(app)
     problems.install(app)
-    _routes(app, settings, Health(settings, clock=clock, monotonic=monotonic))
+    _routes(app, settings, Health(settings, clock=clock, monotonic=monotonic), clock)
     return app
 
 
-def _routes(app, settings, health):
+def _routes(app, settings, health, clock):
     health_routes.mount(app, health, settings, __version__)
     openapi.mount(app)
+    auth_routes.mount(app, settings, clock=clock)
+    users_routes.mount(app, clock=clock)
+    admin_routes.mount(app, clock=clock)
+    accounts_routes.mount(app)
+    money_routes.mount(app, settings)
+    transactions_routes.mount(app, settings, clock=clock)
 
 
 def get_app(environ=None, *, settings=None):

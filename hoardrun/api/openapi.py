@@ -33,7 +33,8 @@ from typing import Any, get_args, get_origin
 
 import falcon
 from pydantic import BaseModel, ConfigDict, Field
-from spectree import Response, SpecTree
+from spectree import Response, SecurityScheme, SpecTree
+from spectree.models import SecuritySchemeData, SecureType
 from spectree.plugins.falcon_plugin import FalconPlugin
 
 from .. import __version__
@@ -133,8 +134,16 @@ def _same_root(a, b):
     return ra is not None and rb is not None and ra.annotation == rb.annotation
 
 
+#: Declare ``security=BEARER`` on an operation that needs a bearer token
+#: (``hoardrun.api.auth`` enforces it; this puts it in the document).
+BEARER_SCHEME = "bearerAuth"
+BEARER = {BEARER_SCHEME: []}
+
 spec = SpecTree(
     "falcon",
+    security_schemes=[SecurityScheme(name=BEARER_SCHEME, data=SecuritySchemeData(
+        type=SecureType.HTTP, scheme="bearer",
+        description="An opaque token from POST /api/v1/auth/login."))],
     naming_strategy=_model_name,
     nested_naming_strategy=lambda parent, child: child,
     backend=_Plugin,

@@ -6,6 +6,8 @@ and, for validation, ``errors: [{field, detail}]``.
 
 * Domain errors (``hoardrun.errors.HoardRunError``) map by their own
   ``status``/``code``/``title``: adding a domain error needs no code here.
+  A 401 carries ``WWW-Authenticate: Bearer``; an error raised with
+  ``retry_after=<seconds>`` (e.g. a login lockout) carries ``Retry-After``.
 * ``hoardrun.db.UNAVAILABLE_ERRORS`` become 503 with ``Retry-After``.
 * falcon's own errors (404, 405 + Allow, 400 malformed JSON, 413, 415) pass
   through the same serializer.
@@ -111,6 +113,12 @@ def handle_domain_error(req, resp, ex, params):
             headers = {"Retry-After": RETRY_AFTER_SECONDS}
     else:
         detail = ex.detail
+    if ex.status == 401:
+        # RFC 6750: a 401 names the scheme the client should authenticate with.
+        headers = {"WWW-Authenticate": 'Bearer realm="hoardrun"'}
+    retry_after = ex.extra.get("retry_after")
+    if retry_after is not None:
+        headers = {**(headers or {}), "Retry-After": str(int(retry_after))}
     field_errors = ex.extra.get("errors")
     if field_errors is None and ex.field:
         field_errors = [{"field": ex.field, "detail": ex.detail}]
