@@ -5,6 +5,7 @@ backend; ``client`` is falcon's in-process test client over it;
 ``live_server`` serves ``app`` under waitress on a free loopback port.
 """
 
+import functools
 import threading
 
 import pytest
@@ -52,3 +53,15 @@ def live_server(app, settings):
     """``app`` under a real waitress server on 127.0.0.1:<free port>."""
     with LiveServer(app, settings) as server:
         yield server
+
+
+@pytest.fixture
+def make_user(client):
+    """Create a user with a live bearer token: ``make_user(role="admin", via_api=False, **fields)``.
+
+    Returns a ``helpers.Person`` (``.id``, ``.email``, ``.password``, ``.token``,
+    ``.headers``); see ``tests/helpers.py``.
+    """
+    import helpers
+
+    return functools.partial(helpers.make_user, client)
