@@ -1,0 +1,347 @@
+"""Money movement: deposits, withdrawals, transfers and P2P payments.
+
+Every POST here moves money through ``hoardrun.ledger`` (via
+``hoardrun.movements``) and honours an ``Idempotency-Key`` header: the
+first response to a key is stored in the same transaction as the movement,
+and a replay (same key, same method, path and body) gets it back with the
+same status and body and ``Idempotent-Replayed: true``; the same key with
+another body is a 422 ``idempotency-key-reused``. Refusals (insufficient
+funds, frozen account, …) are part of the first response and replay too.
+Amounts are decimal strings in the account's currency.
+
+The GETs for transfers and P2P payments live here too, because they share
+their collection URLs with the POSTs.
+"""
+
+import json
+import uuid
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Literal
+
+import falcon
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from spectree import Response
+
+from .. import history, idempotency, movements
+from ..models import MOVEMENT_STATUSES
+from ..money import format_amount
+from . import problems
+from .media import JSON, PROBLEM_JSON, dumps
+from .openapi import BEARER, Problem, spec
+from .transactions import EntryOut, render_counterparty, render_entry, CounterpartyOut
+
+API_PREFIX = "/api/v1"
+TAGS = ["money"]
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+_AMOUNT = dict(min_length=1, max_length=40, examples=["12.34"],
+               description="Decimal string in the account's currency, > 0 "
+                           "(no exponent, no more places than the currency has)")
+
+
+# --------------------------------------------------------------------------
+# Schemas
+
+class IdempotencyHeaders(BaseModel):
+    """``Idempotency-Key``: send the same key to retry a request safely."""
+
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=idempotency.KEY_MAX_LENGTH,
+        # falcon hands headers over upper-cased; the document shows the usual spelling.
+        validation_alias=AliasChoices(idempotency.HEADER, idempotency.HEADER.upper()),
+        description="Optional, per user. A retry with the same key and body returns the "
+                    "first response without moving money again.")
+
+
+class CashIn(BaseModel):
+    """A deposit into, or a withdrawal from, one of my accounts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount: str = Field(**_AMOUNT)
+    description: str | None = Field(None, max_length=movements.DESCRIPTION_MAX)
+
+
+class TransferIn(BaseModel):
+    """Move money between two of my accounts (same currency)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID
+    amount: str = Field(**_AMOUNT)
+    currency: str | None = Field(None, min_length=3, max_length=3,
+                                 description="Optional; must be the accounts' currency")
+    description: str | None = Field(None, max_length=movements.DESCRIPTION_MAX)
+
+
+class P2PIn(BaseModel):
+    """Pay another user into their primary account. Name them by exactly one of
+    ``recipient_email``, ``recipient_user_id`` or ``recipient`` (an email or a user id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipient_email: str | None = Field(None, max_length=254)
+    recipient_user_id: uuid.UUID | None = None
+    recipient: str | None = Field(None, max_length=254, description="An email or a user id")
+    from_account_id: uuid.UUID | None = Field(None, description="Default: my primary account")
+    amount: str = Field(**_AMOUNT)
+    currency: str | None = Field(None, min_length=3, max_length=3,
+                                 description="Optional; must be both accounts' currency")
+    note: str | None = Field(None, max_length=movements.DESCRIPTION_MAX)
+
+
+class TransferOut(BaseModel):
+    id: uuid.UUID
+    reference: str
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID
+    amount: str
+    currency: str
+    fee: str
+    description: str | None
+    status: Literal[MOVEMENT_STATUSES]
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class TransferList(BaseModel):
+    items: list[TransferOut]
+    next_cursor: str | None
+
+
+class P2POut(BaseModel):
+    """A P2P payment seen from my side: only my own account id is shown."""
+
+    id: uuid.UUID
+    reference: str
+    direction: Literal["sent", "received"]
+    account_id: uuid.UUID = Field(description="My account on this payment")
+    counterparty: CounterpartyOut
+    amount: str
+    currency: str
+    note: str | None
+    status: Literal[MOVEMENT_STATUSES]
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class P2PList(BaseModel):
+    items: list[P2POut]
+    next_cursor: str | None
+
+
+class TransferQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(history.DEFAULT_LIMIT, ge=1, le=history.MAX_LIMIT)
+    cursor: str | None = Field(None, max_length=1000)
+    account_id: uuid.UUID | None = Field(None, description="Only transfers from or to it")
+    status: Literal[MOVEMENT_STATUSES] | None = None
+
+
+class P2PQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(history.DEFAULT_LIMIT, ge=1, le=history.MAX_LIMIT)
+    cursor: str | None = Field(None, max_length=1000)
+    direction: Literal["sent", "received"] | None = None
+    status: Literal[MOVEMENT_STATUSES] | None = None
+
+
+# --------------------------------------------------------------------------
+# Rendering
+
+def render_transfer(t):
+    return {"id": t.id, "reference": t.reference, "from_account_id": t.from_account_id,
+            "to_account_id": t.to_account_id, "amount": format_amount(t.amount, t.currency),
+            "currency": t.currency, "fee": format_amount(t.fee, t.currency),
+            "description": t.description, "status": t.status, "created_at": t.created_at,
+            "completed_at": t.completed_at}
+
+
+def render_payment(p):
+    return {"id": p.id, "reference": p.reference, "direction": p.direction,
+            "account_id": p.account_id, "counterparty": render_counterparty(p.counterparty),
+            "amount": format_amount(p.amount, p.currency), "currency": p.currency,
+            "note": p.note, "status": p.status, "created_at": p.created_at,
+            "completed_at": p.completed_at}
+
+
+# --------------------------------------------------------------------------
+# The idempotent POST
+
+def _problem(req, exc):
+    """``exc`` (a 4xx domain error) as ``(status, problem JSON text)``, exactly as the
+    error serializer would write it, so the stored first response is the real one."""
+    try:
+        problems.handle_domain_error(req, None, exc, None)
+    except problems.Problem as problem:
+        out = SimpleNamespace(content_type=None, data=None)
+        problems.serialize(req, out, problem)
+        return problem.status_code, out.data.decode("utf-8")
+    raise AssertionError("handle_domain_error always raises")  # pragma: no cover
+
+
+def _idempotent(req, resp, action, location_prefix):
+    """Run ``action`` (returns the 201 body dict) under the request's Idempotency-Key."""
+    key = idempotency.check_key(req.context.headers.idempotency_key)
+    fingerprint = idempotency.request_hash(req.method, req.path,
+                                           req.get_media(default_when_empty={}))
+    outcome = idempotency.run(req.context.user.id, key, fingerprint,
+                              lambda: (201, dumps(action())),
+                              on_error=lambda exc: _problem(req, exc))
+    resp.status = outcome.status
+    resp.content_type = JSON if outcome.status < 400 else PROBLEM_JSON
+    resp.data = outcome.body.encode("utf-8")
+    if outcome.status == 201:
+        resp.location = f"{location_prefix}/{json.loads(outcome.body)['id']}"
+    if key is not None:
+        resp.set_header(REPLAYED_HEADER, "true" if outcome.replayed else "false")
+
+
+_POST_RESPONSES = dict(HTTP_401=Problem, HTTP_404=Problem, HTTP_422=Problem)
+_GET_ERRORS = dict(HTTP_401=Problem, HTTP_404=Problem)
+
+
+# --------------------------------------------------------------------------
+# Resources
+
+class Deposits:
+    """``POST /accounts/{account_id}/deposits``."""
+
+    @spec.validate(json=CashIn, headers=IdempotencyHeaders,
+                   resp=Response(HTTP_201=EntryOut, **_POST_RESPONSES),
+                   security=BEARER, tags=TAGS)
+    def on_post(self, req, resp, account_id):
+        """Deposit into one of my accounts (the sandbox's funding path).
+
+        The response is the new entry on my account (as ``GET /transactions/{id}``).
+        """
+        body = req.context.json
+        _idempotent(req, resp, lambda: render_entry(movements.deposit(
+            req.context.user.id, account_id, body.amount, description=body.description,
+            request_id=req.context.request_id)), f"{API_PREFIX}/transactions")
+
+
+class Withdrawals:
+    """``POST /accounts/{account_id}/withdrawals``."""
+
+    @spec.validate(json=CashIn, headers=IdempotencyHeaders,
+                   resp=Response(HTTP_201=EntryOut, **_POST_RESPONSES),
+                   security=BEARER, tags=TAGS)
+    def on_post(self, req, resp, account_id):
+        """Withdraw from one of my accounts, down to minus its overdraft limit at most."""
+        body = req.context.json
+        _idempotent(req, resp, lambda: render_entry(movements.withdraw(
+            req.context.user.id, account_id, body.amount, description=body.description,
+            request_id=req.context.request_id)), f"{API_PREFIX}/transactions")
+
+
+class Transfers:
+    """``/transfers``: my transfers; make one."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    @spec.validate(query=TransferQuery, resp=Response(HTTP_200=TransferList, HTTP_401=Problem,
+                                                      HTTP_422=Problem),
+                   security=BEARER, tags=TAGS)
+    def on_get(self, req, resp):
+        """My transfers, newest first (cursor pagination)."""
+        q = req.context.query
+        page = history.transfers(req.context.user.id, secret=self.settings.secret_key,
+                                 limit=q.limit, cursor=q.cursor, account_id=q.account_id,
+                                 status=q.status)
+        resp.media = {"items": [render_transfer(t) for t in page.items],
+                      "next_cursor": page.next_cursor}
+
+    @spec.validate(json=TransferIn, headers=IdempotencyHeaders,
+                   resp=Response(HTTP_201=TransferOut, **_POST_RESPONSES),
+                   security=BEARER, tags=TAGS)
+    def on_post(self, req, resp):
+        """Move money between two of my accounts in the same currency."""
+        body = req.context.json
+        _idempotent(req, resp, lambda: render_transfer(movements.transfer(
+            req.context.user.id, body.from_account_id, body.to_account_id, body.amount,
+            currency=body.currency, description=body.description,
+            request_id=req.context.request_id)), f"{API_PREFIX}/transfers")
+
+
+class Transfer:
+    """``GET /transfers/{transfer_id}``."""
+
+    @spec.validate(resp=Response(HTTP_200=TransferOut, **_GET_ERRORS), security=BEARER,
+                   tags=TAGS)
+    def on_get(self, req, resp, transfer_id):
+        """One of my transfers."""
+        resp.media = render_transfer(history.transfer(req.context.user.id, transfer_id))
+
+
+def _recipient(body):
+    """Split the request's recipient into ``(email, user_id)``; exactly one is set."""
+    given = [v for v in (body.recipient_email, body.recipient_user_id, body.recipient)
+             if v is not None]
+    if len(given) != 1:
+        return None, None  # movements.find_recipient says what is wrong
+    if body.recipient is None:
+        return body.recipient_email, body.recipient_user_id
+    if "@" in body.recipient:
+        return body.recipient, None
+    return None, body.recipient
+
+
+class P2PPayments:
+    """``/p2p``: payments I sent or received; pay someone."""
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    @spec.validate(query=P2PQuery, resp=Response(HTTP_200=P2PList, HTTP_401=Problem,
+                                                 HTTP_422=Problem),
+                   security=BEARER, tags=TAGS)
+    def on_get(self, req, resp):
+        """P2P payments I sent or received, newest first (cursor pagination)."""
+        q = req.context.query
+        page = history.payments(req.context.user.id, secret=self.settings.secret_key,
+                                limit=q.limit, cursor=q.cursor, direction=q.direction,
+                                status=q.status)
+        resp.media = {"items": [render_payment(p) for p in page.items],
+                      "next_cursor": page.next_cursor}
+
+    @spec.validate(json=P2PIn, headers=IdempotencyHeaders,
+                   resp=Response(HTTP_201=P2POut, **_POST_RESPONSES),
+                   security=BEARER, tags=TAGS)
+    def on_post(self, req, resp):
+        """Pay another user (by email or user id) into their primary account.
+
+        Same currency only; paying yourself is refused (``same-account``).
+        """
+        body = req.context.json
+        email, user_id = _recipient(body)
+        _idempotent(req, resp, lambda: render_payment(movements.p2p(
+            req.context.user.id, body.amount, recipient_email=email,
+            recipient_user_id=user_id, from_account_id=body.from_account_id,
+            currency=body.currency, note=body.note, request_id=req.context.request_id)),
+            f"{API_PREFIX}/p2p")
+
+
+class P2PPayment:
+    """``GET /p2p/{payment_id}``."""
+
+    @spec.validate(resp=Response(HTTP_200=P2POut, **_GET_ERRORS), security=BEARER, tags=TAGS)
+    def on_get(self, req, resp, payment_id):
+        """One P2P payment I sent or received."""
+        resp.media = render_payment(history.payment(req.context.user.id, payment_id))
+
+
+def mount(app, settings):
+    """Add the money-movement routes to ``app``."""
+    accounts = f"{API_PREFIX}/accounts/{{account_id:uuid}}"
+    app.add_route(f"{accounts}/deposits", Deposits())
+    app.add_route(f"{accounts}/withdrawals", Withdrawals())
+    app.add_route(f"{API_PREFIX}/transfers", Transfers(settings))
+    app.add_route(f"{API_PREFIX}/transfers/{{transfer_id:uuid}}", Transfer())
+    app.add_route(f"{API_PREFIX}/p2p", P2PPayments(settings))
+    app.add_route(f"{API_PREFIX}/p2p/{{payment_id:uuid}}", P2PPayment())
