@@ -66,10 +66,17 @@ def create_server(app, settings, *, host=DEFAULT_HOST, port=DEFAULT_PORT,
     )
 
 
-def stop(server):
-    """Stop a server that is running in another thread (tests, embedding)."""
+def stop(server, thread=None, timeout=10):
+    """Stop a server running in ``thread`` from another thread (tests, embedding).
+
+    The sockets are closed by waitress's own loop thread (a trigger thunk):
+    closing them from here while that loop sits in select() breaks it with
+    EBADF instead of letting it end.
+    """
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+    if thread is not None:
+        thread.join(timeout)
     server.task_dispatcher.shutdown()
-    wasyncore.close_all(server._map)
 
 
 def serve(*, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, environ=None):

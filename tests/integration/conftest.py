@@ -43,8 +43,7 @@ class LiveServer:
         return self
 
     def __exit__(self, *exc):
-        serving.stop(self.server)
-        self.thread.join(timeout=10)
+        serving.stop(self.server, self.thread)
         assert not self.thread.is_alive(), "waitress did not stop"
 
 
