@@ -71,10 +71,15 @@ def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_li
         for attempt in range(_NUMBER_ATTEMPTS):
             try:
                 with db.atomic():
+                    # Stamped here, not by the column default: SQLite's
+                    # CURRENT_TIMESTAMP has whole seconds, and "oldest first"
+                    # must hold for accounts opened within one second.
+                    now = _now()
                     account = Account.create(user=user_id, account_number=new_account_number(),
                                              name=name, type=type, currency=currency,
                                              overdraft_limit=overdraft_limit,
-                                             is_primary=make_primary)
+                                             is_primary=make_primary, created_at=now,
+                                             updated_at=now)
                 break
             except pw.IntegrityError as exc:
                 # Only a clash of random numbers is worth another try.
