@@ -7,7 +7,7 @@ deleted (a trigger from migration 001 refuses it).
 
 import json
 import uuid
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from decimal import Decimal
 
 from .db import db
@@ -33,14 +33,18 @@ def record(action, entity_type, entity_id=None, *, actor_id=None, before=None, a
     """
     row_id = uuid.uuid4()
     param = "%s" if db.obj.param == "%s" else "?"
-    # PostgreSQL: the column DEFAULT (the transaction's time, microseconds).
-    # SQLite's CURRENT_TIMESTAMP has whole seconds only, which would list the
-    # rows of one second in random order: take milliseconds there.
-    created = "DEFAULT" if param == "%s" else "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    values = [row_id.hex, None if actor_id is None else uuid.UUID(str(actor_id)).hex, action,
+              entity_type, None if entity_id is None else str(entity_id), _dump(before),
+              _dump(after), request_id]
+    if param == "%s":
+        # PostgreSQL: the column DEFAULT (the transaction's time, microseconds).
+        created = "DEFAULT"
+    else:
+        # SQLite's CURRENT_TIMESTAMP has whole seconds, which would list one
+        # second's rows in random order: microseconds, in the ledger's text shape.
+        created = "?"
+        values.append(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
     db.execute_sql(
         "INSERT INTO audit_log (id, actor_id, action, entity_type, entity_id, before, after, "
-        f"request_id, created_at) VALUES ({', '.join([param] * 8)}, {created})",
-        (row_id.hex, None if actor_id is None else uuid.UUID(str(actor_id)).hex, action,
-         entity_type, None if entity_id is None else str(entity_id), _dump(before),
-         _dump(after), request_id))
+        f"request_id, created_at) VALUES ({', '.join([param] * 8)}, {created})", values)
     return row_id
