@@ -46,7 +46,13 @@ class TimestampTZ(pw.Field):
     field_type = "TIMESTAMPTZ"
 
 
-class User(pw.Model):
+class FrozenModel(pw.Model):
+    # As hoardrun.db.BaseModel: index names follow table names.
+    class Meta:
+        legacy_table_names = False
+
+
+class User(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     email = pw.CharField(max_length=254, unique=True)
     first_name = pw.CharField(max_length=100)
@@ -89,7 +95,7 @@ class User(pw.Model):
         ]
 
 
-class Account(pw.Model):
+class Account(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     user = pw.ForeignKeyField(User, null=True, backref="accounts", on_delete="RESTRICT")
     account_number = pw.CharField(max_length=20, unique=True)
@@ -142,7 +148,7 @@ Account.add_index(Account.index(Account.currency, unique=True,
                                 name="accounts_one_settlement_per_currency"))
 
 
-class Card(pw.Model):
+class Card(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     user = pw.ForeignKeyField(User, backref="cards", on_delete="RESTRICT")
     account = pw.ForeignKeyField(Account, backref="cards", on_delete="RESTRICT")
@@ -184,7 +190,7 @@ class Card(pw.Model):
         ]
 
 
-class Transfer(pw.Model):
+class Transfer(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     user = pw.ForeignKeyField(User, backref="transfers", on_delete="RESTRICT")
     from_account = pw.ForeignKeyField(Account, backref="transfers_out", on_delete="RESTRICT")
@@ -215,7 +221,7 @@ class Transfer(pw.Model):
         )
 
 
-class P2PTransaction(pw.Model):
+class P2PTransaction(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     sender = pw.ForeignKeyField(User, backref="p2p_sent", on_delete="RESTRICT")
     recipient = pw.ForeignKeyField(User, backref="p2p_received", on_delete="RESTRICT")
@@ -246,7 +252,7 @@ class P2PTransaction(pw.Model):
         )
 
 
-class Transaction(pw.Model):
+class Transaction(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     account = pw.ForeignKeyField(Account, backref="entries", on_delete="RESTRICT")
     movement_id = pw.UUIDField(index=True)
@@ -290,7 +296,7 @@ class Transaction(pw.Model):
         )
 
 
-class Investment(pw.Model):
+class Investment(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     user = pw.ForeignKeyField(User, backref="investments", on_delete="RESTRICT")
     account = pw.ForeignKeyField(Account, backref="investments", on_delete="RESTRICT")
@@ -321,7 +327,7 @@ class Investment(pw.Model):
         )
 
 
-class AuthToken(pw.Model):
+class AuthToken(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     user = pw.ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
     token_hash = pw.CharField(max_length=64, unique=True)
@@ -336,7 +342,7 @@ class AuthToken(pw.Model):
         ]
 
 
-class IdempotencyKey(pw.Model):
+class IdempotencyKey(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     user = pw.ForeignKeyField(User, backref="idempotency_keys", on_delete="CASCADE")
     key = pw.CharField(max_length=255)
@@ -355,7 +361,7 @@ class IdempotencyKey(pw.Model):
         )
 
 
-class AuditLog(pw.Model):
+class AuditLog(FrozenModel):
     id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
     actor = pw.ForeignKeyField(User, null=True, backref="audit_entries", on_delete="RESTRICT")
     action = pw.CharField(max_length=64)

@@ -42,7 +42,13 @@ class TimestampTZ(pw.Field):
     field_type = "TIMESTAMPTZ"
 
 
-class InstrumentPrice(pw.Model):
+class FrozenModel(pw.Model):
+    # As hoardrun.db.BaseModel: index names follow table names.
+    class Meta:
+        legacy_table_names = False
+
+
+class InstrumentPrice(FrozenModel):
     symbol = pw.CharField(max_length=12, primary_key=True)
     name = pw.CharField(max_length=200)
     type = pw.CharField(max_length=16)
