@@ -23,7 +23,7 @@ import peewee as pw
 from . import audit, errors, ledger, pagination
 from .db import db, is_postgres
 from .models import Account, Card, Transaction
-from .money import MAX_MINOR_UNITS, format_amount, get_currency, parse_amount
+from .money import format_amount, get_currency, parse_amount
 from .security import CardCipher, fingerprint, generate_card_number, mask_card_number
 
 #: Card types a customer can be issued (credit cards need an underwriting
@@ -155,6 +155,7 @@ def issue_card(user_id, account_id, type, cardholder_name, *, settings, now=None
                                      field="type")
     name = _cardholder_name(cardholder_name)
     cipher = cipher or CardCipher.from_settings(settings)
+    now = _utc(now)
     month, year = expiry_for(now)
     user_id = _uuid(user_id)
     with db.atomic():
@@ -180,7 +181,11 @@ def issue_card(user_id, account_id, type, cardholder_name, *, settings, now=None
                         last_four=number[-4:], masked_number=mask_card_number(number),
                         expiry_month=month, expiry_year=year,
                         daily_limit=DEFAULT_DAILY_LIMIT * factor,
-                        monthly_limit=DEFAULT_MONTHLY_LIMIT * factor)
+                        monthly_limit=DEFAULT_MONTHLY_LIMIT * factor,
+                        # Explicit, not the column default: SQLite's
+                        # CURRENT_TIMESTAMP has whole seconds, which would
+                        # list cards issued in one second in random order.
+                        created_at=now, updated_at=now)
                 break
             except pw.IntegrityError as exc:
                 # Only a clash of random numbers (one in ~10^9 per card) is
@@ -226,21 +231,25 @@ def unfreeze(user_id, card_id, *, request_id=None):
 
 
 def set_limits(user_id, card_id, *, daily_limit=None, monthly_limit=None, request_id=None):
-    """Set the daily and/or monthly limit (int minor units); monthly must cover daily."""
+    """Set the daily and/or monthly limit; monthly must cover daily, both above zero.
+
+    Limits are decimal strings (or Decimals) in the card account's currency,
+    like payment amounts; an omitted limit keeps its value.
+    """
     if daily_limit is None and monthly_limit is None:
         raise errors.ValidationError("give daily_limit, monthly_limit or both", field="body")
-    for name, value in (("daily_limit", daily_limit), ("monthly_limit", monthly_limit)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not 0 < value <= MAX_MINOR_UNITS):
-            raise errors.ValidationError(f"{name} must be greater than zero", field=name)
 
     def change(card):
-        daily = card.daily_limit if daily_limit is None else daily_limit
-        monthly = card.monthly_limit if monthly_limit is None else monthly_limit
+        currency = card.account.currency
+        daily, monthly = card.daily_limit, card.monthly_limit
+        if daily_limit is not None:
+            daily = parse_amount(daily_limit, currency, field="daily_limit")
+        if monthly_limit is not None:
+            monthly = parse_amount(monthly_limit, currency, field="monthly_limit")
         if monthly < daily:
             raise errors.ValidationError(
                 "monthly_limit must be at least the daily_limit "
-                f"({format_amount(daily, card.account.currency)})", field="monthly_limit")
+                f"({format_amount(daily, currency)} {currency})", field="monthly_limit")
         card.daily_limit, card.monthly_limit = daily, monthly
     return _change(user_id, card_id, "card.limits", change, request_id)
 
