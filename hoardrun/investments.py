@@ -11,9 +11,11 @@ the sum of the holdings it shows. Unrealised gain is current value minus
 cost basis (what was paid for the quantity still held, average-cost method).
 
 NOTE: PostgreSQL computes values exactly (NUMERIC). SQLite, the embedded
-development backend, has no decimal type: it multiplies as 64-bit floats,
-which can move a value by one minor unit when quantity × price falls exactly
-on a half. PostgreSQL is the production backend.
+development backend, has no decimal type: it multiplies as 64-bit floats and
+rounds the product to 6 places before applying the tie rule, which is exact
+for everyday sizes but may differ by one minor unit from PostgreSQL for
+products with more than 6 significant decimal places in the minor unit, or
+values beyond about 10^9 minor units. PostgreSQL is the production backend.
 """
 
 import re
@@ -159,7 +161,11 @@ def _value_sql(alias="i"):
     factor = "CASE {} ELSE 100 END".format(" ".join(
         f"WHEN {alias}.currency IN ({', '.join(repr(c.code) for c in group)}) THEN {10 ** e}"
         for e, group in _currencies_by_exponent() if e != 2))
-    scaled = f"(CAST({alias}.quantity AS REAL) * {alias}.current_price * {factor})"
+    # Rounded to 6 places first: the float product of two exact decimals
+    # lands a hair off a true half (1 × 1.015 × 100 = 101.49999999999999),
+    # which would defeat the tie rule; 6 places clear that noise for values
+    # up to about 10^9 minor units.
+    scaled = f"ROUND(CAST({alias}.quantity AS REAL) * {alias}.current_price * {factor}, 6)"
     # Values are never negative, so CAST(... AS INTEGER) is floor.
     whole = f"CAST({scaled} AS INTEGER)"
     return (f"(CASE WHEN {scaled} - {whole} = 0.5 THEN {whole} + ({whole} % 2) "
@@ -222,7 +228,8 @@ def _holding(row):
     return Holding(
         id=_as_uuid(hid), account_id=_as_uuid(account_id), symbol=symbol, name=name, type=kind,
         currency=currency, quantity=_places(quantity), cost_basis=int(cost_basis),
-        current_price=_places(price), purchase_date=Investment.purchase_date.python_value(purchased),
+        current_price=_places(price),
+        purchase_date=Investment.purchase_date.python_value(purchased),
         updated_at=Investment.updated_at.python_value(updated), current_value=int(value))
 
 
@@ -284,9 +291,14 @@ def portfolio_summary(user_id):
 
 @dataclass(frozen=True)
 class Order:
-    """An executed order (money in minor units)."""
+    """An executed order (money in minor units).
+
+    ``id`` is the order's entry on the investment account (so the order is
+    also ``GET /transactions/{id}``); ``movement_id`` groups its two entries.
+    """
 
     id: uuid.UUID
+    movement_id: uuid.UUID
     account_id: uuid.UUID
     holding_id: uuid.UUID
     symbol: str
@@ -321,16 +333,19 @@ def place_order(user_id, account_id, symbol, side, quantity, *, request_id=None)
         # Buying debits the customer's account; selling credits it.
         leg = posting.debit if side == "buy" else posting.credit
         order = Order(
-            id=posting.movement_id, account_id=leg.account_id, holding_id=trade.holding_id,
+            id=leg.entry_id, movement_id=posting.movement_id, account_id=leg.account_id,
+            holding_id=trade.holding_id,
             symbol=trade.symbol, side=side, quantity=_places(trade.quantity),
             price=_places(trade.price), amount=trade.cash, currency=posting.currency,
             held_quantity=_places(trade.held_quantity), cost_basis=trade.cost_basis,
             balance_after=leg.balance_after, executed_at=posting.posted_at)
         audit.record(f"investment.{side}", "investment", trade.holding_id, actor_id=user_id,
-                     after={"movement_id": order.id, "account_id": order.account_id,
-                            "symbol": symbol, "quantity": order.quantity,
-                            "price": order.price, "amount": order.amount,
-                            "currency": order.currency, "held_quantity": order.held_quantity,
+                     after={"entry_id": order.id, "movement_id": order.movement_id,
+                            "account_id": order.account_id,
+                            "symbol": symbol, "quantity": format(order.quantity, "f"),
+                            "price": format(order.price, "f"), "amount": order.amount,
+                            "currency": order.currency,
+                            "held_quantity": format(order.held_quantity, "f"),
                             "cost_basis": order.cost_basis},
                      request_id=request_id)
     return order

@@ -22,9 +22,12 @@ from ..health import Health, utc_now
 from . import accounts as accounts_routes
 from . import admin as admin_routes
 from . import auth as auth_routes
+from . import cards as cards_routes
 from . import health as health_routes
+from . import investments as investments_routes
 from . import media, openapi, problems
 from . import money as money_routes
+from . import prices as prices_routes
 from . import transactions as transactions_routes
 from . import users as users_routes
 from .auth import Authentication
@@ -67,6 +70,9 @@ def _routes(app, settings, health, clock):
     accounts_routes.mount(app)
     money_routes.mount(app, settings)
     transactions_routes.mount(app, settings, clock=clock)
+    cards_routes.mount(app, settings)
+    investments_routes.mount(app, settings)
+    prices_routes.mount(app, settings)
 
 
 def get_app(environ=None, *, settings=None):
