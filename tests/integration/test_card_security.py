@@ -1,5 +1,7 @@
 """Card numbers: shown once, stored only encrypted, never logged; keys required and rotatable."""
 
+import logging
+
 import pytest
 
 from hoardrun import accounts, cards
@@ -8,6 +10,7 @@ from hoardrun.errors import ConfigError, DecryptionError
 from hoardrun.models import Card, User
 from hoardrun.security import CardCipher
 from tests.conftest import base_environ
+from tests.integration.test_cards_api import API, open_account, pay, refund
 
 
 def _holder(uid):
@@ -56,3 +59,88 @@ def test_rotation_without_the_old_key_fails_loudly_and_changes_nothing(database,
     with pytest.raises(DecryptionError):
         cards.rotate_keys(settings.replace(card_keys=(new_card_key(),)))
     assert CardCipher((old_key,)).decrypt(Card.get().number_encrypted) == number
+
+
+# --------------------------------------------------------------------------
+# The number after issue: in no response, no log line, no column
+
+
+@pytest.fixture
+def environ(database_url):
+    """SQL echo on: every statement and its parameters go to the log."""
+    return base_environ(database_url, DATABASE_ECHO="true")
+
+
+def _spellings(number):
+    """The number as digits, in groups of four, and with dashes."""
+    groups = [number[i:i + 4] for i in range(0, len(number), 4)]
+    return (number, " ".join(groups), "-".join(groups))
+
+
+def _found_in(text, number):
+    return any(spelling in text for spelling in _spellings(number))
+
+
+def dump_database(database):
+    """Every value of every column of every table, as text: ``[(table, column, text)]``."""
+    out = []
+    for table in database.get_tables():
+        columns = [c.name for c in database.get_columns(table)]
+        select = ", ".join(f'CAST("{c}" AS TEXT)' for c in columns)
+        for row in database.execute_sql(f'SELECT {select} FROM "{table}"'):
+            out.extend((table, column, value) for column, value in zip(columns, row)
+                       if value is not None)
+    return out
+
+
+def test_the_full_number_leaves_only_in_the_issue_response(client, make_user, database,
+                                                           settings, caplog):
+    caplog.set_level(logging.DEBUG)
+    jane, admin = make_user(), make_user(role="admin")
+    account = open_account(client, jane, deposit="500.00")
+    issued = client.simulate_post(f"{API}/cards", headers=jane.headers, json={
+        "account_id": account, "type": "debit", "cardholder_name": "Jane Doe"})
+    assert issued.status_code == 201
+    number = issued.json["number"]
+    card_id = issued.json["id"]
+    url = f"{API}/cards/{card_id}"
+
+    # Every later response about the card, its money and its audit trail.
+    paid = pay(client, jane, card_id, "20.00", key="sec-pay")
+    responses = [
+        client.simulate_get(url, headers=jane.headers),
+        client.simulate_get(f"{API}/cards", headers=jane.headers),
+        client.simulate_post(f"{url}/freeze", headers=jane.headers),
+        client.simulate_post(f"{url}/unfreeze", headers=jane.headers),
+        client.simulate_patch(f"{url}/limits", headers=jane.headers,
+                              json={"daily_limit": "100.00"}),
+        client.simulate_patch(f"{url}/controls", headers=jane.headers,
+                              json={"international_enabled": True}),
+        paid,
+        pay(client, jane, card_id, "20.00", key="sec-pay"),
+        refund(client, jane, card_id, paid.json["id"], "5.00", key="sec-refund"),
+        client.simulate_get(f"{API}/transactions/{paid.json['id']}", headers=jane.headers),
+        client.simulate_get(f"{API}/accounts/{account}/transactions", headers=jane.headers),
+        client.simulate_post(f"{url}/cancel", headers=jane.headers),
+        client.simulate_get(f"{API}/admin/audit", headers=admin.headers,
+                            params={"entity_type": "card"}),
+    ]
+    assert [r.status_code for r in responses] == [200] * 6 + [201, 201, 201] + [200] * 4
+    for result in responses:
+        assert not _found_in(result.text, number), result.text
+    assert responses[0].json["masked_number"] == "**** **** **** " + number[-4:]
+
+    # Logs: the SQL echo really ran (the card INSERT is there), and no line holds the number.
+    lines = [record.getMessage() + (caplog.text if record.exc_info else "")
+             for record in caplog.records]
+    assert any("INSERT" in line and "cards" in line for line in lines)
+    assert not [line for line in lines if _found_in(line, number)]
+    assert not _found_in(caplog.text, number)
+
+    # The database: every column of every table, as text.
+    dump = dump_database(database)
+    assert any(t == "cards" and c == "last_four" and v == number[-4:] for t, c, v in dump)
+    assert [(t, c) for t, c, v in dump if _found_in(v, number)] == []
+    # ... and the encrypted column is the one place it can be recovered from.
+    stored = Card.get_by_id(card_id).number_encrypted
+    assert CardCipher.from_settings(settings).decrypt(stored) == number
