@@ -451,8 +451,32 @@ def test(c, database_only=False, coverage=False, specific=None):
         raise Exit(f"tests failed: pytest exit code {code}", code=code)
 
 
+# --------------------------------------------------------------------------- serve
+
+@task(auto_shortflags=False, help={
+    "host": "interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    "port": "TCP port (default 8000)",
+    "threads": "waitress worker threads (default 8); the pool is sized to at least this",
+})
+def serve(c, host="127.0.0.1", port=8000, threads=8):
+    """Serve the API with waitress until Ctrl-C (migrates first outside production)."""
+    from hoardrun.api import serve as serving
+
+    if threads < 1:
+        raise Exit(f"--threads={threads} is not valid: expected an integer >= 1", code=1)
+    settings = _settings()
+    # waitress says where it listens at INFO; the access lines are hoardrun.access
+    logging.getLogger("waitress").setLevel(logging.INFO)
+    with _guard_settings(settings):
+        try:
+            serving.serve(host=host, port=port, threads=threads, settings=settings)
+        except OSError as error:  # the port is taken, or the host is not ours
+            raise Exit(f"cannot listen on {host}:{port}: {error.strerror or error}",
+                       code=1) from None
+
+
 db = Collection("db", check, init, migrate, rollback, history, current, makemigration,
                 sample, reset, verify)
-# Top level: `test` now; `serve` and `bench` are added next to it.
-ns = Collection(test)
+# Top level: `test` and `serve`; `bench` is added next to them.
+ns = Collection(test, serve)
 ns.add_collection(db)

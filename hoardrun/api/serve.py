@@ -79,14 +79,19 @@ def stop(server, thread=None, timeout=10):
     server.task_dispatcher.shutdown()
 
 
-def serve(*, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, environ=None):
-    """Load settings, prepare the database, serve until Ctrl-C, close the pool."""
+def serve(*, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, environ=None,
+          settings=None):
+    """Load settings, prepare the database, serve until Ctrl-C, close the pool.
+
+    ``settings`` (else read from ``environ``/the environment) lets the task
+    report a configuration error in its own words before anything starts.
+    """
     if threads < 1:
         raise ValueError(f"threads={threads} is not valid: expected an integer >= 1")
     # idempotent when the caller has configured logging already
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = sized_for(load_settings(environ), threads)
+    settings = sized_for(settings or load_settings(environ), threads)
     app = get_app(settings=settings)
     try:
         apply_or_report_migrations(settings)
