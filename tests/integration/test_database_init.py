@@ -261,13 +261,6 @@ def _copy_project(target):
     return target
 
 
-# NOTE: known defect, the same one test_migrations.py marks INDEX_NAMES_XFAIL.
-AUTODIFF_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "the frozen models in migrations/001_initial.py name their indexes after the class "
-    "(legacy_table_names), hoardrun.models after the table, so every generated migration "
-    "also drops and re-creates every index, and peewee-migrate's drop_index fails on the "
-    "ModelIndex entries of Account"))
-
 
 def _add_nickname(project):
     models = project / "hoardrun" / "models.py"
@@ -283,7 +276,6 @@ def _migration_files(project):
     return sorted(p.name for p in (project / "migrations").glob("*.py"))
 
 
-@AUTODIFF_XFAIL
 def test_makemigration_says_no_changes_when_the_models_match(task_env, tmp_path):
     project = _copy_project(tmp_path / "project")
     on_disk = _migration_files(project)
@@ -311,7 +303,6 @@ def test_makemigration_writes_a_model_change_outside_the_repo(task_env, tmp_path
     assert not (ROOT / "migrations" / f"{name}.py").exists()
 
 
-@AUTODIFF_XFAIL
 def test_a_generated_migration_applies_and_check_is_healthy(task_env, tmp_path):
     project = _copy_project(tmp_path / "project")
     _add_nickname(project)
