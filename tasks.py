@@ -429,6 +429,39 @@ def verify(c):
     print("ledger verified: balances match their entries and every currency sums to zero")
 
 
+# --------------------------------------------------------------------------- cards.*, prices.*
+
+@task
+def rotate_keys(c):
+    """Re-encrypt every card number under the first HOARDRUN_CARD_ENCRYPTION_KEYS key."""
+    with _database() as (settings, database):
+        from hoardrun import cards as card_domain
+
+        _require_migrated(database)
+        count = card_domain.rotate_keys(settings)
+    print(f"re-encrypted {count} card number(s) under the first key; the keys after it "
+          "can now be removed from HOARDRUN_CARD_ENCRYPTION_KEYS")
+
+
+@task(name="set", positional=["symbol", "price"], help={
+    "symbol": "the ticker, e.g. AAPL (upper-cased)",
+    "price": "the price of one unit, a decimal with at most 8 places, e.g. 190.25",
+    "name": "instrument name (required for a new symbol)",
+    "type": "stock, etf, bond, mutual_fund or crypto (required for a new symbol)",
+    "currency": "ISO 4217 code, e.g. USD (required for a new symbol)",
+})
+def set_price(c, symbol, price, name=None, type=None, currency=None):
+    """Set one instrument's sandbox price; holdings of it are revalued."""
+    with _database() as (settings, database):
+        from hoardrun import investments
+
+        _require_migrated(database)
+        row, created = investments.set_price(symbol, price, name=name, type=type,
+                                             currency=currency)
+        shown = investments.price_state(row)["price"]
+    print(f"{'added' if created else 'updated'} {row.symbol}: {shown} {row.currency}")
+
+
 # --------------------------------------------------------------------------- test
 
 @task(help={
@@ -480,3 +513,5 @@ db = Collection("db", check, init, migrate, rollback, history, current, makemigr
 # Top level: `test` and `serve`; `bench` is added next to them.
 ns = Collection(test, serve)
 ns.add_collection(db)
+ns.add_collection(Collection("cards", rotate_keys))
+ns.add_collection(Collection("prices", set_price))

@@ -144,3 +144,28 @@ def test_the_full_number_leaves_only_in_the_issue_response(client, make_user, da
     # ... and the encrypted column is the one place it can be recovered from.
     stored = Card.get_by_id(card_id).number_encrypted
     assert CardCipher.from_settings(settings).decrypt(stored) == number
+
+
+def test_rotate_keys_task_lets_the_old_key_go(environ, database, settings, uid, tmp_path):
+    from tests.integration.test_database_init import run_task
+
+    old_key, new_key = new_card_key(), new_card_key()
+    user, account = _holder(uid)
+    number = cards.issue_card(user.id, account.id, "debit", "Ada Lovelace",
+                              settings=settings.replace(card_keys=(old_key,))).number
+
+    # Without the key the number was written under, the task stops with one line.
+    failed = run_task({**environ, "HOARDRUN_CARD_ENCRYPTION_KEYS": new_key},
+                      "cards.rotate-keys", cwd=tmp_path)
+    assert failed.code == 1 and "could not be decrypted" in failed.error_lines[-1]
+
+    run = run_task({**environ, "HOARDRUN_CARD_ENCRYPTION_KEYS": f"{new_key},{old_key}"},
+                   "cards.rotate-keys", cwd=tmp_path)
+    assert run.code == 0, run.output
+    assert "re-encrypted 1 card number(s)" in run.stdout
+    # The SQL echo of the task (DATABASE_ECHO=true here) shows ciphertext only.
+    assert "UPDATE" in run.output and not _found_in(run.output, number)
+    stored = Card.get().number_encrypted
+    assert CardCipher((new_key,)).decrypt(stored) == number
+    with pytest.raises(DecryptionError):
+        CardCipher((old_key,)).decrypt(stored)

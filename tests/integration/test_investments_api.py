@@ -239,3 +239,20 @@ def test_another_users_holdings_are_not_found(client, jane, brokerage, make_user
     assert mine.status_code == 200 and mine.json["symbol"] == "MSFT"
     problem(order(client, eve, brokerage, "MSFT", "sell", "1"), 404, "not-found")
     assert holdings(client, jane)[0]["quantity"] == "1.00000000"
+
+
+def test_prices_set_task_adds_and_updates_a_price(environ, database, tmp_path):
+    from tests.integration.test_database_init import run_task
+
+    added = run_task(environ, "prices.set", "acme", "12.5", "--name", "Acme Corp", "--type",
+                     "stock", "--currency", "USD", cwd=tmp_path)
+    assert added.code == 0, added.output
+    assert added.stdout.strip() == "added ACME: 12.50000000 USD"
+    updated = run_task(environ, "prices.set", "ACME", "13", cwd=tmp_path)
+    assert updated.stdout.strip() == "updated ACME: 13.00000000 USD"
+    refused = run_task(environ, "prices.set", "NEWCO", "1", cwd=tmp_path)
+    assert refused.code == 1 and len(refused.error_lines) == 1
+    assert "needs a name" in refused.error_lines[0]
+    assert InstrumentPrice.get_by_id("ACME").price == Decimal("13")
+    assert InstrumentPrice.select().count() == 1
+    assert AuditLog.select().where(AuditLog.action == "price.set").count() == 2
