@@ -7,6 +7,7 @@ request that never touches the database never checks one out.
 """
 
 import logging
+import select
 import threading
 import time
 from datetime import datetime, timezone
@@ -76,6 +77,11 @@ class _PrePingMixin:
       be opened under load and are closed when handed back.
     * A connection idle for over ``PRE_PING_IDLE_SECONDS`` is pinged before
       reuse, so a restarted server costs no failed request.
+    * A younger one is pinged only if the server has sent it something while
+      it sat idle (a session the server ended, e.g. pg_terminate_backend or a
+      shutdown, has its goodbye and EOF waiting): a zero-wait ``select``,
+      no round trip, so a session killed just after a request is not handed
+      to the next one.
     """
 
     def __init__(self, *args, pool_size=20, pre_ping=True, **kwargs):
@@ -91,7 +97,8 @@ class _PrePingMixin:
             return True
         if not self.pre_ping or returned is None:
             return False
-        if time.monotonic() - returned < PRE_PING_IDLE_SECONDS:
+        if (time.monotonic() - returned < PRE_PING_IDLE_SECONDS
+                and not self._input_pending(conn)):
             return False
         return not self._ping(conn)
 
@@ -129,6 +136,15 @@ class PostgresDatabase(_PrePingMixin, PooledPostgresqlDatabase):
         return bool(conn.closed) or (
             conn.get_transaction_status() == extensions.TRANSACTION_STATUS_UNKNOWN)
 
+    def _input_pending(self, conn):
+        # An idle session has nothing to read unless the server spoke: a
+        # FATAL before closing, or (harmless) a notice; the ping tells which.
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def _ping(self, conn):
         try:
             with conn.cursor() as cur:
@@ -151,6 +167,9 @@ class SqliteDatabase(_PrePingMixin, PooledSqliteDatabase):
             conn.total_changes
         except Exception:
             return True
+        return False
+
+    def _input_pending(self, conn):
         return False
 
     def _ping(self, conn):
