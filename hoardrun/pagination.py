@@ -39,7 +39,7 @@ def encode_cursor(created_raw, row_id):
 
 
 def decode_cursor(cursor):
-    """Return ``(created_raw, uuid)`` from a cursor; InvalidCursor (422, field ``cursor``) if bad."""
+    """Return ``(created_raw, uuid)`` from a cursor; InvalidCursor (422, ``cursor``) if bad."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created_raw, row_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
