@@ -10,6 +10,7 @@ from falcon import testing
 from helpers import API, PASSWORD, bearer, login, login_token, register, unique_email
 
 from hoardrun.api import create_app
+from hoardrun.config import load_settings
 from hoardrun.db import db
 from hoardrun.models import AuditLog, User
 
@@ -294,3 +295,17 @@ def test_every_api_route_but_register_and_login_needs_a_token(client):
             assert result.status_code == 401, (method, path, result.status_code)
             checked += 1
     assert checked >= 12
+
+
+def test_a_cors_preflight_needs_no_token(environ, database):
+    """Browsers send OPTIONS without credentials; it must not be refused with 401."""
+    origin = "https://app.example.com"
+    settings = load_settings({**environ, "HOARDRUN_CORS_ORIGINS": origin})
+    client = testing.TestClient(create_app(settings))
+
+    result = client.simulate_options(f"{API}/users/me", headers={
+        "Origin": origin, "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "Authorization"})
+
+    assert result.status_code == 200
+    assert result.headers["Access-Control-Allow-Origin"] == origin
