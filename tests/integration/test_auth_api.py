@@ -309,3 +309,35 @@ def test_a_cors_preflight_needs_no_token(environ, database):
 
     assert result.status_code == 200
     assert result.headers["Access-Control-Allow-Origin"] == origin
+
+
+def count_statements(monkeypatch, database, request):
+    """How many SQL statements ``request()`` ran (ORM and raw alike)."""
+    statements = []
+    real = database.execute_sql
+
+    def counting(sql, params=None, *args, **kwargs):
+        statements.append(sql)
+        return real(sql, params, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(database, "execute_sql", counting)
+        result = request()
+    return statements, result
+
+
+def test_the_bearer_check_is_one_statement_and_garbage_costs_none(client, database,
+                                                                  make_user, monkeypatch):
+    """It runs on every request (PERFORMANCE.md): one indexed lookup, nothing for junk."""
+    jane = make_user()
+
+    statements, result = count_statements(
+        monkeypatch, database, lambda: me(client, jane.token))
+    assert result.status_code == 200
+    assert len(statements) == 2  # the token (joined with its user), then the profile
+    assert "auth_tokens" in statements[0] and "users" in statements[0]
+
+    statements, result = count_statements(
+        monkeypatch, database, lambda: me(client, "not-even-shaped-like-a-token"))
+    assert result.status_code == 401
+    assert statements == []
