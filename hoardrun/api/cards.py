@@ -175,7 +175,11 @@ def render_refund(refund):
 
 
 _ERRORS = dict(HTTP_401=Problem, HTTP_404=Problem, HTTP_422=Problem)
-_CARD = Response(HTTP_200=CardOut, **_ERRORS)
+
+
+def _card_response():
+    # One Response per operation: spectree adjusts the object it is given.
+    return Response(HTTP_200=CardOut, **_ERRORS)
 
 
 class Cards:
@@ -216,14 +220,14 @@ class Cards:
 class Card:
     """``/cards/{card_id}``: one of my cards (masked)."""
 
-    @spec.validate(resp=_CARD, security=BEARER, tags=TAGS)
+    @spec.validate(resp=_card_response(), security=BEARER, tags=TAGS)
     def on_get(self, req, resp, card_id):
         """Get one of my cards (masked number only)."""
         resp.media = render_card(cards.get_card(req.context.user.id, card_id))
 
 
 class Freeze:
-    @spec.validate(resp=_CARD, security=BEARER, tags=TAGS)
+    @spec.validate(resp=_card_response(), security=BEARER, tags=TAGS)
     def on_post(self, req, resp, card_id):
         """Freeze the card: payments are refused until it is unfrozen."""
         resp.media = render_card(cards.freeze(req.context.user.id, card_id,
@@ -231,7 +235,7 @@ class Freeze:
 
 
 class Unfreeze:
-    @spec.validate(resp=_CARD, security=BEARER, tags=TAGS)
+    @spec.validate(resp=_card_response(), security=BEARER, tags=TAGS)
     def on_post(self, req, resp, card_id):
         """Unfreeze a frozen card (a cancelled card cannot be unfrozen)."""
         resp.media = render_card(cards.unfreeze(req.context.user.id, card_id,
@@ -239,7 +243,7 @@ class Unfreeze:
 
 
 class Cancel:
-    @spec.validate(resp=_CARD, security=BEARER, tags=TAGS)
+    @spec.validate(resp=_card_response(), security=BEARER, tags=TAGS)
     def on_post(self, req, resp, card_id):
         """Cancel the card for good: it can never pay, be unfrozen or be changed again."""
         resp.media = render_card(cards.cancel(req.context.user.id, card_id,
@@ -247,7 +251,7 @@ class Cancel:
 
 
 class Limits:
-    @spec.validate(json=LimitsIn, resp=_CARD, security=BEARER, tags=TAGS)
+    @spec.validate(json=LimitsIn, resp=_card_response(), security=BEARER, tags=TAGS)
     def on_patch(self, req, resp, card_id):
         """Set the daily and/or monthly limit (monthly at least daily, both above zero)."""
         body = req.context.json
@@ -259,7 +263,7 @@ class Limits:
 
 
 class Controls:
-    @spec.validate(json=ControlsIn, resp=_CARD, security=BEARER, tags=TAGS)
+    @spec.validate(json=ControlsIn, resp=_card_response(), security=BEARER, tags=TAGS)
     def on_patch(self, req, resp, card_id):
         """Switch online, contactless and international payments on or off."""
         body = req.context.json
