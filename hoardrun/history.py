@@ -6,16 +6,7 @@ keyset-paginated newest first on ``(created_at, id)`` (one indexed range
 scan per page, no OFFSET), and each page is ONE statement that joins what
 it shows, so the number of queries does not grow with the page size.
 
-Cursors are opaque and tamper-evident: url-safe base64 of a small JSON
-payload (the list it belongs to, a fingerprint of the filters, the last
-row's stored ``created_at`` and id) plus an HMAC-SHA256 of it under the
-server's secret key. A cursor that was edited, belongs to another list or
-was made with other filters is ``InvalidCursor`` (422), never a database
-error.
-
-NOTE: the cursor keeps ``created_at`` exactly as the database returned it
-(SQLite: the stored text), so the keyset comparison is against the very
-value stored and a page boundary can never repeat or skip a row.
+Cursors are signed and bound to their list and filters (``hoardrun.cursors``).
 
 The statement is computed in SQL (one GROUP BY over the account's entries
 before the period's end) so it is always consistent with the entries a
@@ -24,22 +15,16 @@ list with the same period shows: opening = signed sum of the entries before
 in - out.
 """
 
-import base64
-import binascii
-import hashlib
-import hmac
-import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import errors
-from .db import db, is_postgres, to_utc
+from .cursors import check_limit, keyset, page_of
+from .db import db, to_utc
 from .models import DIRECTIONS, ENTRY_STATUSES, ENTRY_TYPES, MOVEMENT_STATUSES, Transaction
 from .money import parse_amount
 
-DEFAULT_LIMIT = 20
-MAX_LIMIT = 100
 Q_MAX_LENGTH = 100
 
 
@@ -115,15 +100,6 @@ class Payment:
 
 
 @dataclass(frozen=True)
-class Page:
-    """One page of a list, and the cursor of the next (None on the last page)."""
-
-    items: list
-    next_cursor: str | None
-    limit: int
-
-
-@dataclass(frozen=True)
 class TypeTotal:
     type: str
     direction: str
@@ -187,15 +163,6 @@ def _utc(value, field_name):
         timezone.utc)
 
 
-def check_limit(limit):
-    """``limit`` if it is 1..100; the default (20) when None."""
-    if limit is None:
-        return DEFAULT_LIMIT
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise errors.ValidationError(f"limit must be 1 to {MAX_LIMIT}", field="limit")
-    return limit
-
-
 def _choice(value, allowed, field_name):
     if value is not None and value not in allowed:
         raise errors.ValidationError(f"{field_name} must be one of {', '.join(allowed)}",
@@ -207,72 +174,6 @@ def _like_pattern(text):
     """``%text%`` for LIKE … ESCAPE '\\', the user's own wildcards made literal."""
     escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
-
-
-# --------------------------------------------------------------------------
-# Cursors
-
-def _sign(secret, payload):
-    key = secret.encode("utf-8") if isinstance(secret, str) else secret
-    return hmac.new(key, payload, hashlib.sha256).digest()[:16]
-
-
-def _b64(data):
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def _unb64(text):
-    return base64.urlsafe_b64decode((text + "=" * (-len(text) % 4)).encode("ascii"))
-
-
-def _fingerprint(filters):
-    canonical = json.dumps(filters, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-
-def encode_cursor(secret, scope, filters, created_raw, row_id):
-    """The signed cursor for the page after the row (``created_raw``, ``row_id``)."""
-    created = created_raw.isoformat() if isinstance(created_raw, datetime) else str(created_raw)
-    payload = json.dumps([scope, _fingerprint(filters), created, str(row_id)],
-                         separators=(",", ":")).encode("utf-8")
-    return f"{_b64(payload)}.{_b64(_sign(secret, payload))}"
-
-
-def decode_cursor(secret, scope, filters, cursor):
-    """``(created, id)`` from a cursor this server made for this list and these filters."""
-    bad = errors.InvalidCursor("cursor is not valid for this list; start again without it",
-                               field="cursor")
-    try:
-        body, _, signature = cursor.partition(".")
-        payload = _unb64(body)
-        if not hmac.compare_digest(_unb64(signature), _sign(secret, payload)):
-            raise bad
-        cursor_scope, cursor_filters, created, row_id = json.loads(payload)
-    except (ValueError, TypeError, UnicodeError, binascii.Error, AttributeError):
-        raise bad from None
-    if cursor_scope != scope or cursor_filters != _fingerprint(filters):
-        raise bad
-    parsed = datetime.fromisoformat(created)
-    # PostgreSQL compares timestamptz; SQLite compares the stored text itself.
-    return (parsed if is_postgres() else created), uuid.UUID(row_id)
-
-
-def _page(rows, limit, make, secret, scope, filters, created_index):
-    """Turn ``limit + 1`` fetched rows into a Page (the extra row only says "more")."""
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = None
-    if more:
-        last = rows[-1]
-        next_cursor = encode_cursor(secret, scope, filters, last[created_index], _uuid(last[0]))
-    return Page([make(row) for row in rows], next_cursor, limit)
-
-
-def _keyset(conditions, params, alias, secret, scope, filters, cursor):
-    if cursor:
-        created, last_id = decode_cursor(secret, scope, filters, cursor)
-        conditions.append(f"({alias}.created_at, {alias}.id) < (?, ?)")
-        params.extend([created, last_id.hex])
 
 
 # --------------------------------------------------------------------------
@@ -389,12 +290,12 @@ def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, typ
                "from": start and start.isoformat(), "to": end and end.isoformat(),
                "min": low, "max": high, "merchant_category": merchant_category, "q": q}
     scope = f"entries:{account_id}"
-    _keyset(conditions, params, "t", secret, scope, filters, cursor)
+    keyset(conditions, params, "t", secret, scope, filters, cursor)
     rows = db.execute_sql(
         _sql(_ENTRY_SELECT + "WHERE " + " AND ".join(conditions)
              + " ORDER BY t.created_at DESC, t.id DESC LIMIT ?"),
         (*params, limit + 1)).fetchall()
-    return _page(rows, limit, _entry(me), secret, scope, filters, created_index=13)
+    return page_of(rows, limit, _entry(me), secret, scope, filters, created_index=13)
 
 
 def entry(user_id, entry_id):
@@ -440,12 +341,12 @@ def transfers(user_id, *, secret, limit=None, cursor=None, account_id=None, stat
         conditions.append("m.status = ?")
         params.append(status)
     filters = {"account_id": account_id and str(account_id), "status": status}
-    _keyset(conditions, params, "m", secret, "transfers", filters, cursor)
+    keyset(conditions, params, "m", secret, "transfers", filters, cursor)
     rows = db.execute_sql(
         _sql(_TRANSFER_SELECT + "WHERE " + " AND ".join(conditions)
              + " ORDER BY m.created_at DESC, m.id DESC LIMIT ?"),
         (*params, limit + 1)).fetchall()
-    return _page(rows, limit, _transfer, secret, "transfers", filters, created_index=9)
+    return page_of(rows, limit, _transfer, secret, "transfers", filters, created_index=9)
 
 
 def transfer(user_id, transfer_id):
@@ -507,12 +408,12 @@ def payments(user_id, *, secret, limit=None, cursor=None, direction=None, status
         conditions.append("p.status = ?")
         params.append(status)
     filters = {"direction": direction, "status": status}
-    _keyset(conditions, params, "p", secret, "p2p", filters, cursor)
+    keyset(conditions, params, "p", secret, "p2p", filters, cursor)
     rows = db.execute_sql(
         _sql(_P2P_SELECT + "WHERE " + " AND ".join(conditions)
              + " ORDER BY p.created_at DESC, p.id DESC LIMIT ?"),
         (*params, limit + 1)).fetchall()
-    return _page(rows, limit, _payment(me), secret, "p2p", filters, created_index=10)
+    return page_of(rows, limit, _payment(me), secret, "p2p", filters, created_index=10)
 
 
 def payment(user_id, payment_id):

@@ -19,17 +19,16 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Literal
 
-import falcon
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from spectree import Response
 
-from .. import history, idempotency, movements
+from .. import cursors, history, idempotency, movements
 from ..models import MOVEMENT_STATUSES
 from ..money import format_amount
 from . import problems
 from .media import JSON, PROBLEM_JSON, dumps
 from .openapi import BEARER, Problem, spec
-from .transactions import EntryOut, render_counterparty, render_entry, CounterpartyOut
+from .transactions import CounterpartyOut, EntryOut, render_counterparty, render_entry
 
 API_PREFIX = "/api/v1"
 TAGS = ["money"]
@@ -135,7 +134,7 @@ class P2PList(BaseModel):
 class TransferQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    limit: int = Field(history.DEFAULT_LIMIT, ge=1, le=history.MAX_LIMIT)
+    limit: int = Field(cursors.DEFAULT_LIMIT, ge=1, le=cursors.MAX_LIMIT)
     cursor: str | None = Field(None, max_length=1000)
     account_id: uuid.UUID | None = Field(None, description="Only transfers from or to it")
     status: Literal[MOVEMENT_STATUSES] | None = None
@@ -144,7 +143,7 @@ class TransferQuery(BaseModel):
 class P2PQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    limit: int = Field(history.DEFAULT_LIMIT, ge=1, le=history.MAX_LIMIT)
+    limit: int = Field(cursors.DEFAULT_LIMIT, ge=1, le=cursors.MAX_LIMIT)
     cursor: str | None = Field(None, max_length=1000)
     direction: Literal["sent", "received"] | None = None
     status: Literal[MOVEMENT_STATUSES] | None = None

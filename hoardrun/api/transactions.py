@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from spectree import Response
 
-from .. import history
+from .. import cursors, history
 from ..auth import utcnow
 from ..models import DIRECTIONS, ENTRY_STATUSES, ENTRY_TYPES
 from ..money import format_amount
@@ -67,7 +67,7 @@ class EntryList(BaseModel):
 class EntryQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    limit: int = Field(history.DEFAULT_LIMIT, ge=1, le=history.MAX_LIMIT)
+    limit: int = Field(cursors.DEFAULT_LIMIT, ge=1, le=cursors.MAX_LIMIT)
     cursor: str | None = Field(None, max_length=1000)
     type: Literal[ENTRY_TYPES] | None = None
     direction: Literal[DIRECTIONS] | None = None
