@@ -9,6 +9,7 @@ refuses to run in production.
 
 from . import ledger
 from .accounts import open_account
+from .investments import load_default_prices
 from .models import Account, Transaction, User
 from .security import hash_password
 
@@ -87,4 +88,7 @@ def load_sample_data():
             posted += 1
     report.append(f"history: {posted} movement(s) posted through the ledger"
                   if posted else "history: already present")
+    # Without a price list a new user could open an investment account and buy nothing.
+    added = load_default_prices()
+    report.append(f"prices: added {', '.join(added)}" if added else "prices: already listed")
     return report
