@@ -73,10 +73,12 @@ def stop(server, thread=None, timeout=10):
     closing them from here while that loop sits in select() breaks it with
     EBADF instead of letting it end.
     """
+    # Workers first: a worker still finishing a response must not touch a
+    # channel or the trigger after they are closed.
+    server.task_dispatcher.shutdown(timeout=timeout)
     server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
     if thread is not None:
         thread.join(timeout)
-    server.task_dispatcher.shutdown()
 
 
 def serve(*, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, environ=None,
