@@ -453,9 +453,9 @@ class _SqliteLedger:
 
     def _apply_pair(self, movement_id, debit, credit, amount, debit_type, credit_type,
                     description, transfer_id=None, p2p_id=None, reverses=(None, None),
-                    card_id=None, merchant=(None, None), refund_of=None):
-        now = datetime.now(timezone.utc)
-        stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f")
+                    card_id=None, merchant=(None, None), refund_of=None, now=None):
+        now = now or datetime.now(timezone.utc)
+        stamp = _text(now)
         debit_balance = debit.balance - amount
         credit_balance = credit.balance + amount
         db.execute_sql("UPDATE accounts SET balance = ?, updated_at = ? WHERE id = ?",
@@ -515,14 +515,15 @@ class _SqliteLedger:
             debit, credit = self._lock_pair(from_id, to_id, amount, currency)
             if debit.user_id != user_id.hex or credit.user_id != user_id.hex:
                 raise errors.NotFound("account not found")
+            now = datetime.now(timezone.utc)
             db.execute_sql(
                 "INSERT INTO transfers (id, user_id, from_account_id, to_account_id, amount, "
                 "currency, reference, description, status, created_at, completed_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
                 (transfer_id.hex, user_id.hex, from_id.hex, to_id.hex, amount, debit.currency,
-                 reference, description, *([_now_text()] * 2)))
+                 reference, description, _text(now), _text(now)))
             return self._apply_pair(transfer_id, debit, credit, amount, "transfer_out",
-                                    "transfer_in", description, transfer_id=transfer_id)
+                                    "transfer_in", description, transfer_id=transfer_id, now=now)
 
     def p2p(self, payment_id, sender_id, sender_account, recipient_account, amount, currency,
             reference, note):
@@ -532,15 +533,16 @@ class _SqliteLedger:
                 raise errors.NotFound("account not found")
             if credit.user_id == sender_id.hex:
                 raise errors.SameAccount("cannot pay yourself")
+            now = datetime.now(timezone.utc)
             db.execute_sql(
                 "INSERT INTO p2p_transactions (id, sender_id, recipient_id, sender_account_id, "
                 "recipient_account_id, amount, currency, note, reference, status, created_at, "
                 "completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
                 (payment_id.hex, sender_id.hex, credit.user_id, sender_account.hex,
                  recipient_account.hex, amount, debit.currency, note, reference,
-                 *([_now_text()] * 2)))
+                 _text(now), _text(now)))
             return self._apply_pair(payment_id, debit, credit, amount, "p2p_out", "p2p_in", note,
-                                    p2p_id=payment_id)
+                                    p2p_id=payment_id, now=now)
 
     def reverse(self, entry_id, movement_id, description):
         with db.atomic():
@@ -661,7 +663,7 @@ class _SqliteLedger:
             holding = db.execute_sql(
                 "SELECT id, quantity, cost_basis FROM investments "
                 "WHERE account_id = ? AND symbol = ?", (account_id.hex, symbol)).fetchone()
-            stamp = _now_text()
+            stamp = _text(datetime.now(timezone.utc))
             if is_buy:
                 debit, credit = self._lock_pair(account_id, settlement, cash, acc.currency)
                 posting = self._apply_pair(movement_id, debit, credit, cash, "investment_buy",
@@ -703,8 +705,9 @@ def _opt(hex_or_none):
     return None if hex_or_none is None else uuid.UUID(hex_or_none)
 
 
-def _now_text():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+def _text(moment):
+    """SQLite's one timestamp shape (see hoardrun.db.UTCDateTimeField)."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 _POSTGRES = _PostgresLedger()

@@ -108,6 +108,9 @@ DECLARE
     r hoardrun_posting;
 BEGIN
     -- Callers have locked both rows with hoardrun_lock_pair in this transaction.
+    -- The clock is read after the locks (now() is the transaction's start), so
+    -- one account's entries sort by time in the order their balances were written.
+    r.posted_at := clock_timestamp();
     UPDATE accounts SET balance = balance - p_amount, updated_at = now()
      WHERE id = p_debit RETURNING balance INTO r.debit_balance;
     UPDATE accounts SET balance = balance + p_amount, updated_at = now()
@@ -117,21 +120,20 @@ BEGIN
     INSERT INTO transactions (id, account_id, movement_id, type, direction, amount, currency,
                               balance_after, description, merchant_name, merchant_category,
                               card_id, transfer_id, p2p_id, reverses_id, reference, status,
-                              refund_of_id)
+                              refund_of_id, created_at)
     VALUES (r.debit_entry, p_debit, p_movement, p_debit_type, 'outbound', p_amount, p_currency,
             r.debit_balance, p_description, p_merchant_name, p_merchant_category,
             p_card, p_transfer, p_p2p, p_reverses_debit,
-            'E' || replace(r.debit_entry::text, '-', ''), 'completed', NULL),
+            'E' || replace(r.debit_entry::text, '-', ''), 'completed', NULL, r.posted_at),
            (r.credit_entry, p_credit, p_movement, p_credit_type, 'inbound', p_amount, p_currency,
             r.credit_balance, p_description, p_merchant_name, p_merchant_category,
             p_card, p_transfer, p_p2p, p_reverses_credit,
-            'E' || replace(r.credit_entry::text, '-', ''), 'completed', p_refund_of);
+            'E' || replace(r.credit_entry::text, '-', ''), 'completed', p_refund_of, r.posted_at);
     r.movement_id := p_movement;
     r.currency := p_currency;
     r.amount := p_amount;
     r.debit_account := p_debit;
     r.credit_account := p_credit;
-    r.posted_at := now();
     RETURN r;
 END
 $$""",
