@@ -489,9 +489,9 @@ def test(c, database_only=False, coverage=False, specific=None):
 @task(auto_shortflags=False, help={
     "host": "interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
     "port": "TCP port (default 8000)",
-    "threads": "waitress worker threads (default 8); the pool is sized to at least this",
+    "threads": "waitress worker threads (default 16); the pool is sized to at least this",
 })
-def serve(c, host="127.0.0.1", port=8000, threads=8):
+def serve(c, host="127.0.0.1", port=8000, threads=16):
     """Serve the API with waitress until Ctrl-C (migrates first outside production)."""
     from hoardrun.api import serve as serving
 
