@@ -28,7 +28,7 @@ import psycopg2
 from hoardrun import auth, schema
 from hoardrun import db as dbm
 from hoardrun.config import load_settings, mask_url
-from hoardrun.pagination import encode_cursor
+from hoardrun.history import entries_cursor
 
 from . import ceiling, seed
 
@@ -187,11 +187,13 @@ def _deep_cursor(url, account_id, depth):
     """A cursor positioned ``depth`` entries into an account's history (newest first)."""
     conn = psycopg2.connect(url)
     with conn.cursor() as cur:
-        cur.execute("SELECT created_at::text, id FROM transactions WHERE account_id = %s "
+        cur.execute("SELECT created_at, id FROM transactions WHERE account_id = %s "
                     "ORDER BY created_at DESC, id DESC OFFSET %s LIMIT 1", (account_id, depth))
         row = cur.fetchone()
     conn.close()
-    return encode_cursor(row[0], row[1]) if row else None
+    if row is None:
+        raise BenchError(f"account {account_id} has fewer than {depth + 1} entries")
+    return entries_cursor(SECRET, account_id, row[0], row[1])
 
 
 def build_requests(name, people, tokens, url, *, count=400):

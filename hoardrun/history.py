@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from . import errors
-from .cursors import check_limit, keyset, page_of
+from .cursors import check_limit, encode_cursor, keyset, page_of
 from .db import db, to_utc
 from .models import DIRECTIONS, ENTRY_STATUSES, ENTRY_TYPES, MOVEMENT_STATUSES, Transaction
 from .money import parse_amount
@@ -236,6 +236,28 @@ def _owned_account(user_id, account_id):
     return account_id, row[1]
 
 
+def _entry_filters(*, type=None, direction=None, status=None, start=None, end=None, low=None,
+                   high=None, merchant_category=None, q=None):
+    """What an entries cursor is bound to: the filters of the list it came from."""
+    return {"type": type, "direction": direction, "status": status,
+            "from": start and start.isoformat(), "to": end and end.isoformat(),
+            "min": low, "max": high, "merchant_category": merchant_category, "q": q}
+
+
+def _entries_scope(account_id):
+    return f"entries:{account_id}"
+
+
+def entries_cursor(secret, account_id, created_raw, entry_id):
+    """The cursor of the unfiltered history of ``account_id`` after one entry.
+
+    Operators' tools (the bench's deep pages) use it to start deep in a long
+    history without paging there; clients only ever get cursors from pages.
+    """
+    return encode_cursor(secret, _entries_scope(uuid.UUID(str(account_id))), _entry_filters(),
+                         created_raw, uuid.UUID(str(entry_id)))
+
+
 def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, type=None,
                     direction=None, status=None, start=None, end=None, min_amount=None,
                     max_amount=None, merchant_category=None, q=None):
@@ -286,10 +308,10 @@ def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, typ
     if q:
         conditions.append("lower(t.description) LIKE ? ESCAPE '\\'")
         params.append(_like_pattern(q))
-    filters = {"type": type, "direction": direction, "status": status,
-               "from": start and start.isoformat(), "to": end and end.isoformat(),
-               "min": low, "max": high, "merchant_category": merchant_category, "q": q}
-    scope = f"entries:{account_id}"
+    filters = _entry_filters(type=type, direction=direction, status=status, start=start,
+                             end=end, low=low, high=high, merchant_category=merchant_category,
+                             q=q)
+    scope = _entries_scope(account_id)
     keyset(conditions, params, "t", secret, scope, filters, cursor)
     rows = db.execute_sql(
         _sql(_ENTRY_SELECT + "WHERE " + " AND ".join(conditions)

@@ -44,7 +44,10 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
     clock = clock or utc_now
     monotonic = monotonic or time.monotonic
     middleware = [RequestContext(max_body_bytes=settings.max_body_bytes,
-                                 id_factory=id_factory or new_request_id),
+                                 id_factory=id_factory or new_request_id,
+                                 # Responses are checked against their declared
+                                 # schemas everywhere but production (CPU).
+                                 validate_responses=not settings.is_production),
                   # After RequestContext, so a 401/403 carries the request id.
                   Authentication(clock=clock)]
     if settings.cors_origins:

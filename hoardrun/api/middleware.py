@@ -40,13 +40,16 @@ def new_request_id():
 class RequestContext:
     """See the module docstring; one instance serves every thread."""
 
-    def __init__(self, *, max_body_bytes, id_factory=new_request_id, timer=time.perf_counter):
+    def __init__(self, *, max_body_bytes, id_factory=new_request_id, timer=time.perf_counter,
+                 validate_responses=True):
         self.max_body_bytes = max_body_bytes
         self.id_factory = id_factory
         self.timer = timer
+        self.validate_responses = validate_responses
 
     def process_request(self, req, resp):
         req.context.started = self.timer()
+        req.context.validate_responses = self.validate_responses
         given = req.get_header(REQUEST_ID_HEADER)
         # A client-chosen id goes into our logs and audit rows: only a short
         # token is taken as is, so nobody can inject log lines or markup.
