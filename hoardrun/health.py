@@ -174,9 +174,7 @@ class Health:
 
 def shown_database_url(settings):
     """The database URL as reports and logs may show it: credentials masked."""
-    # NOTE: a sqlite:/// URL holds no credential, and masking would rebuild
-    # it wrongly (urlunsplit drops two slashes of sqlite:////abs/path).
-    return settings.masked_database_url if settings.is_postgres else settings.database_url
+    return settings.masked_database_url
 
 
 def pending_migrations():
