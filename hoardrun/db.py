@@ -141,7 +141,7 @@ class PostgresDatabase(_PrePingMixin, PooledPostgresqlDatabase):
         # FATAL before closing, or (harmless) a notice; the ping tells which.
         try:
             readable, _, _ = select.select([conn.fileno()], [], [], 0)
-        except (OSError, ValueError):
+        except Exception:  # no usable socket (driver or OS error): let the ping decide
             return True
         return bool(readable)
 
