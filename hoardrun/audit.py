@@ -10,7 +10,7 @@ import uuid
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
-from .db import db
+from .db import db, execute_deferred
 
 
 def _default(value):
@@ -44,7 +44,9 @@ def record(action, entity_type, entity_id=None, *, actor_id=None, before=None, a
         # second's rows in random order: microseconds, in the ledger's text shape.
         created = "?"
         values.append(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
-    db.execute_sql(
+    # Nobody reads this insert back in the request: it rides with the
+    # transaction's next statement or its COMMIT on PostgreSQL.
+    execute_deferred(
         "INSERT INTO audit_log (id, actor_id, action, entity_type, entity_id, before, after, "
         f"request_id, created_at) VALUES ({', '.join([param] * 8)}, {created})", values)
     return row_id

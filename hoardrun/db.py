@@ -129,7 +129,94 @@ class _PrePingMixin:
 
 
 class PostgresDatabase(_PrePingMixin, PooledPostgresqlDatabase):
-    """Pooled PostgreSQL with pre-ping and overflow."""
+    """Pooled PostgreSQL with pre-ping, overflow and piggybacked transaction control.
+
+    Round trips, not SQL, are the cost on the money path (PERFORMANCE.md), so
+    statements that return nothing anybody reads are not sent on their own:
+    BEGIN, SAVEPOINT, RELEASE / ROLLBACK TO SAVEPOINT and ``defer()``-ed
+    writes are queued per thread and sent in the same round trip as the
+    transaction's next statement (psycopg2 runs ``A; B; C`` in order and
+    stops at the first error), and a COMMIT carries whatever is still
+    queued. Semantics are unchanged: the server sees the same statements in
+    the same order inside the same transaction; only the packets differ.
+    """
+
+    _SAVEPOINT_PREFIXES = ("SAVEPOINT ", "RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOINT ")
+
+    def __init__(self, *args, **kwargs):
+        self._queued = threading.local()
+        super().__init__(*args, **kwargs)
+
+    def _queue(self):
+        """This thread's queued statements: (is_write, sql text) pairs."""
+        queue = getattr(self._queued, "statements", None)
+        if queue is None:
+            queue = self._queued.statements = []
+        return queue
+
+    @staticmethod
+    def _joined(queue):
+        return "; ".join(text for _, text in queue)
+
+    def begin(self, isolation_level=None):
+        """Start a transaction lazily: BEGIN travels with its first statement."""
+        if self.is_closed():
+            self.connect()
+        level = isolation_level or self._isolation_level
+        self._queue().append((False, (
+            f"BEGIN TRANSACTION ISOLATION LEVEL {self._adapter.isolation_level_str(level)}"
+            if level else "BEGIN")))
+
+    def defer(self, sql, params=()):
+        """Send a write whose result nobody reads with the transaction's next statement.
+
+        Outside a transaction it runs at once. Its errors surface at that next
+        statement (or the COMMIT), still inside the same transaction.
+        """
+        if not self.in_transaction():
+            return self.execute_sql(sql, params)
+        with pw.__exception_wrapper__:
+            text = self.cursor().mogrify(sql, params or None).decode("utf-8")
+        self._queue().append((True, text))
+        return None
+
+    def execute_sql(self, sql, params=None, *args, **kwargs):
+        queue = self._queue()
+        if sql.startswith(self._SAVEPOINT_PREFIXES):
+            queue.append((False, sql.rstrip("; ")))
+            return None  # peewee's savepoints never read their cursor
+        if queue:
+            # '%%': the queued text is already interpolated, and psycopg2 will
+            # read the whole string as a template because params are passed.
+            sql = self._joined(queue).replace("%", "%%") + "; " + sql
+            queue.clear()
+        return super().execute_sql(sql, params, *args, **kwargs)
+
+    def commit(self):
+        queue = self._queue()
+        if queue and queue[0][1].startswith("BEGIN") and not any(w for w, _ in queue):
+            # Nothing of this transaction reached the server: nothing to commit.
+            queue.clear()
+            return None
+        if queue:
+            sql = self._joined(queue) + "; COMMIT"
+            queue.clear()
+            with pw.__exception_wrapper__:
+                self.cursor().execute(sql)
+            return None
+        return super().commit()
+
+    def rollback(self):
+        queue = self._queue()
+        unsent = bool(queue) and queue[0][1].startswith("BEGIN")
+        queue.clear()  # queued writes die with the transaction
+        if unsent:
+            return None
+        return super().rollback()
+
+    def close(self):
+        self._queue().clear()
+        return super().close()
 
     def _raw_is_closed(self, conn):
         from psycopg2 import extensions
@@ -269,6 +356,18 @@ def driver_error(exc):
         if candidate is not None and not isinstance(candidate, str):
             return candidate
     return exc
+
+
+def execute_deferred(sql, params=()):
+    """Run a write whose result nobody reads (an audit row, a stored response).
+
+    On PostgreSQL inside a transaction it rides with the next statement or
+    the COMMIT (see ``PostgresDatabase``); elsewhere it runs now.
+    """
+    database = db.obj
+    if isinstance(database, PostgresDatabase):
+        return database.defer(sql, params)
+    return database.execute_sql(sql, params)
 
 
 def close_db():

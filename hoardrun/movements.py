@@ -52,18 +52,32 @@ def _text(value, field):
     return value or None
 
 
+# (user id, account id) -> currency. An account's currency never changes, so
+# a currency once read for its owner stays true; keyed by owner so nobody
+# learns another user's currency from an amount error. Bounded: a reset just
+# costs a lookup per account again.
+_CURRENCIES = {}
+_CURRENCIES_MAX = 100_000
+
+
 def _account_currency(user_id, account_id, field):
     """The currency of the user's account (to read the amount in), or NotFound.
 
     A currency never changes, so reading it before the ledger locks the row
     is safe; the ledger re-checks ownership and everything else under lock.
     """
+    known = _CURRENCIES.get((user_id, account_id))
+    if known is not None:
+        return known
     row = db.execute_sql(
         _sql("SELECT currency FROM accounts WHERE id = ? AND user_id = ? "
              "AND type <> 'settlement'"),
         (account_id.hex, user_id.hex)).fetchone()
     if row is None:
         raise errors.NotFound("account not found", field=field)
+    if len(_CURRENCIES) >= _CURRENCIES_MAX:
+        _CURRENCIES.clear()
+    _CURRENCIES[(user_id, account_id)] = row[0]
     return row[0]
 
 

@@ -1,0 +1,136 @@
+"""Deferred writes and piggybacked transaction control keep their meaning.
+
+On PostgreSQL, BEGIN, savepoints and ``execute_deferred`` writes travel with
+the next statement or the COMMIT; these tests pin that the observable
+behaviour is the same as sending them one by one (and the same as SQLite,
+which sends everything at once), and count the round trips of the money path.
+"""
+
+import uuid
+
+import peewee as pw
+import pytest
+
+from hoardrun import db as dbm
+from hoardrun.db import db, execute_deferred
+from hoardrun.models import AuditLog, User
+
+
+def _user_sql():
+    param = "%s" if dbm.is_postgres() else "?"
+    return (f"INSERT INTO users (id, email, first_name, last_name, password_hash) "
+            f"VALUES ({param}, {param}, 'Deferred', 'Write', 'x')")
+
+
+def test_a_deferred_write_lands_with_the_commit(database, uid):
+    email = f"{uid()}@example.com"
+    with db.atomic():
+        execute_deferred(_user_sql(), (uuid.uuid4().hex, email))
+    assert User.select().where(User.email == email).count() == 1
+
+
+def test_a_deferred_write_dies_with_a_rollback(database, uid):
+    email = f"{uid()}@example.com"
+    with pytest.raises(RuntimeError):
+        with db.atomic():
+            execute_deferred(_user_sql(), (uuid.uuid4().hex, email))
+            raise RuntimeError("changed my mind")
+    assert User.select().where(User.email == email).count() == 0
+
+
+def test_percent_signs_in_deferred_data_survive(database, uid):
+    email = f"50%off-{uid()}@example.com"
+    with db.atomic():
+        execute_deferred(_user_sql(), (uuid.uuid4().hex, email))
+        # A later statement with parameters carries the queued text along.
+        assert User.select().where(User.email == "nobody@example.com").count() == 0
+    assert User.get(User.email == email).email == email
+
+
+def test_a_failing_deferred_write_fails_the_whole_transaction(database, uid):
+    email = f"{uid()}@example.com"
+    with pytest.raises(pw.IntegrityError):
+        with db.atomic():
+            User.create(email=email, first_name="First", last_name="One", password_hash="x")
+            # Same email again: the UNIQUE violation surfaces at the COMMIT at the latest.
+            execute_deferred(_user_sql(), (uuid.uuid4().hex, email))
+    assert User.select().where(User.email == email).count() == 0
+
+
+def test_savepoints_still_undo_only_their_part(database, uid):
+    kept, undone = f"{uid()}@example.com", f"{uid()}@example.com"
+    with db.atomic():
+        User.create(email=kept, first_name="Kept", last_name="K", password_hash="x")
+        with pytest.raises(pw.IntegrityError):
+            with db.atomic():
+                User.create(email=undone, first_name="Undone", last_name="U",
+                            password_hash="x")
+                User.create(email=kept, first_name="Dup", last_name="D", password_hash="x")
+    assert {u.email for u in User.select()} == {kept}
+
+
+@pytest.fixture
+def sent(database, monkeypatch):
+    """Every statement string sent to PostgreSQL, one per round trip."""
+    if not dbm.is_postgres():
+        pytest.skip("round trips are a PostgreSQL matter; SQLite is in-process")
+    log = []
+    original = dbm.PostgresDatabase.cursor
+
+    class Recording:
+        def __init__(self, cursor):
+            self._cursor = cursor
+
+        def execute(self, sql, params=None):
+            log.append(sql)
+            return self._cursor.execute(sql, params)
+
+        def __getattr__(self, name):
+            return getattr(self._cursor, name)
+
+    monkeypatch.setattr(dbm.PostgresDatabase, "cursor",
+                        lambda self, *a, **k: Recording(original(self, *a, **k)))
+    return log
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_an_empty_transaction_costs_no_round_trip(sent):
+    with db.atomic():
+        with db.atomic():
+            pass
+    assert sent == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_begin_savepoint_and_audit_ride_along(sent):
+    with db.atomic():
+        with db.atomic():
+            User.select().count()
+        from hoardrun import audit
+        audit.record("test.ride", "test")
+    assert len(sent) == 2
+    assert sent[0].startswith("BEGIN; SAVEPOINT")
+    assert "INSERT INTO audit_log" in sent[1] and sent[1].endswith("COMMIT")
+    assert AuditLog.select().where(AuditLog.action == "test.ride").count() == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_keyed_transfer_costs_four_round_trips(client, make_user, sent):
+    """Token, key claim, ledger call, then audit + stored response + COMMIT together.
+
+    (The deposit has already read the source account's currency, which never changes.)
+    """
+    import money_helpers as mh
+
+    person = make_user()
+    src = mh.open_account(client, person, name="Source")["id"]
+    dst = mh.open_account(client, person, name="Target")["id"]
+    mh.deposit(client, person, src, "100.00")
+    for _ in range(2):
+        sent.clear()
+        result = mh.post_money(client, person, "/transfers",
+                               {"from_account_id": src, "to_account_id": dst, "amount": "1.00"},
+                               key=uuid.uuid4().hex)
+        assert result.status_code == 201, result.text
+        assert len(sent) == 4, sent
+    assert sent[-1].endswith("COMMIT") and "INSERT INTO audit_log" in sent[-1]
