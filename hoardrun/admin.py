@@ -11,7 +11,7 @@ from . import audit, errors, ledger
 from .auth import utcnow
 from .db import db
 from .models import SETTLEMENT, Account, AuditLog, Transaction
-from .pagination import page
+from .cursors import page_query
 
 # action -> (the status it applies to, the status it sets)
 _ACCOUNT_TRANSITIONS = {
@@ -95,9 +95,9 @@ def reverse_entry(entry_id, *, actor_id, description=None, request_id=None):
     return [entries[i] for i in new_ids]
 
 
-def list_audit(*, entity_type=None, entity_id=None, actor_id=None, action=None, limit=None,
-               cursor=None):
-    """Audit rows newest first, filtered by exact values; return ``(rows, next_cursor)``."""
+def list_audit(*, secret, entity_type=None, entity_id=None, actor_id=None, action=None,
+               limit=None, cursor=None):
+    """Audit rows newest first, filtered by exact values; return a ``cursors.Page``."""
     query = AuditLog.select()
     if entity_type:
         query = query.where(AuditLog.entity_type == entity_type)
@@ -116,4 +116,7 @@ def list_audit(*, entity_type=None, entity_id=None, actor_id=None, action=None, 
         query = query.where(AuditLog.actor == actor)
     if action:
         query = query.where(AuditLog.action == action)
-    return page(query, AuditLog, limit=limit, cursor=cursor)
+    return page_query(query, AuditLog, secret=secret, scope="admin:audit",
+                      filters={"entity_type": entity_type, "entity_id": entity_id,
+                               "actor_id": actor_id, "action": action},
+                      limit=limit, cursor=cursor)

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 
 import peewee as pw
 
-from . import audit, errors, ledger, pagination
+from . import audit, errors, ledger
+from .cursors import page_query
 from .db import db, is_postgres
 from .models import Account, Card, Transaction
 from .money import format_amount, get_currency, parse_amount
@@ -108,12 +109,13 @@ def get_card(user_id, card_id):
     return card
 
 
-def list_cards(user_id, *, limit=None, cursor=None):
-    """``user_id``'s cards, newest first: ``(cards, next_cursor)`` (keyset pages)."""
+def list_cards(user_id, *, secret, limit=None, cursor=None):
+    """``user_id``'s cards, newest first: a ``cursors.Page``."""
     query = (Card.select(Card, Account)
              .join(Account)
              .where(Card.user == _uuid(user_id)))
-    return pagination.page(query, Card, limit=limit, cursor=cursor)
+    return page_query(query, Card, secret=secret, scope=f"cards:{_uuid(user_id)}",
+                      limit=limit, cursor=cursor)
 
 
 def card_state(card, now=None):

@@ -110,3 +110,26 @@ def keyset(conditions, params, alias, secret, scope, filters, cursor):
         created, last_id = decode_cursor(secret, scope, filters, cursor)
         conditions.append(f"({alias}.created_at, {alias}.id) < (?, ?)")
         params.extend([created, last_id.hex])
+
+
+def page_query(query, model, *, secret, scope, filters=None, limit=None, cursor=None):
+    """Run a peewee select on ``model`` newest first; return a Page.
+
+    For the cold lists (admin, cards) that are built with the ORM; ``model``
+    needs ``created_at`` and ``id``. Same cursors as the raw-SQL lists.
+    """
+    limit = check_limit(limit)
+    filters = filters or {}
+    created, pk = model.created_at, model.id
+    # The stored value itself (SQLite: its text), as the module NOTE explains.
+    query = query.select_extend(created.cast("TEXT").alias("cursor_created"))
+    if cursor:
+        created_raw, last_id = decode_cursor(secret, scope, filters, cursor)
+        query = query.where((created < created_raw)
+                            | ((created == created_raw) & (pk < last_id)))
+    rows = list(query.order_by(created.desc(), pk.desc()).limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = (encode_cursor(secret, scope, filters, rows[-1].cursor_created, rows[-1].id)
+                   if more else None)
+    return Page(rows, next_cursor, limit)

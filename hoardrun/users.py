@@ -13,7 +13,7 @@ import peewee as pw
 from . import audit, auth, errors
 from .db import db
 from .models import USER_ROLES, USER_STATUSES, User
-from .pagination import page
+from .cursors import page_query
 from .security import check_password_policy, hash_password
 
 NAME_MAX = 100
@@ -287,8 +287,8 @@ def _contains(field, text):
     return pw.NodeList((field, pw.SQL("LIKE"), f"%{escaped}%", pw.SQL("ESCAPE '!'")))
 
 
-def list_users(*, email=None, status=None, role=None, limit=None, cursor=None):
-    """Users newest first, filtered; return ``(users, next_cursor)``.
+def list_users(*, secret, email=None, status=None, role=None, limit=None, cursor=None):
+    """Users newest first, filtered; return a ``cursors.Page``.
 
     ``email`` matches any part of the address, ignoring case.
     """
@@ -305,4 +305,6 @@ def list_users(*, email=None, status=None, role=None, limit=None, cursor=None):
             raise errors.ValidationError(f"role must be one of {', '.join(USER_ROLES)}",
                                          field="role")
         query = query.where(User.role == role)
-    return page(query, User, limit=limit, cursor=cursor)
+    return page_query(query, User, secret=secret, scope="admin:users",
+                      filters={"email": email, "status": status, "role": role},
+                      limit=limit, cursor=cursor)

@@ -18,7 +18,7 @@ from .. import admin, users
 from ..auth import utcnow
 from ..models import ACCOUNT_STATUSES, DIRECTIONS, USER_ROLES, USER_STATUSES
 from ..money import format_amount
-from ..pagination import DEFAULT_LIMIT, MAX_LIMIT
+from ..cursors import DEFAULT_LIMIT, MAX_LIMIT
 from .openapi import BEARER, Problem, spec
 from .users import UserOut, render_user
 
@@ -176,7 +176,8 @@ class AdminResource:
 
     auth = "admin"
 
-    def __init__(self, *, clock=utcnow):
+    def __init__(self, *, secret, clock=utcnow):
+        self.secret = secret  # signs the list cursors
         self.clock = clock
 
 
@@ -190,9 +191,10 @@ class Users(AdminResource):
     def on_get(self, req, resp):
         """Users newest first; filter by email substring, status and role."""
         q = req.context.query
-        rows, next_cursor = users.list_users(email=q.email, status=q.status, role=q.role,
-                                             limit=q.limit, cursor=q.cursor)
-        resp.media = {"items": [render_admin_user(u) for u in rows], "next_cursor": next_cursor}
+        page = users.list_users(secret=self.secret, email=q.email, status=q.status, role=q.role,
+                                limit=q.limit, cursor=q.cursor)
+        resp.media = {"items": [render_admin_user(u) for u in page.items],
+                      "next_cursor": page.next_cursor}
 
 
 class User(AdminResource):
@@ -295,13 +297,14 @@ class Audit(AdminResource):
     def on_get(self, req, resp):
         """The audit log newest first; filter by entity, actor and action."""
         q = req.context.query
-        rows, next_cursor = admin.list_audit(entity_type=q.entity_type, entity_id=q.entity_id,
-                                             actor_id=q.actor_id, action=q.action,
-                                             limit=q.limit, cursor=q.cursor)
-        resp.media = {"items": [render_audit(r) for r in rows], "next_cursor": next_cursor}
+        page = admin.list_audit(secret=self.secret, entity_type=q.entity_type,
+                                entity_id=q.entity_id, actor_id=q.actor_id, action=q.action,
+                                limit=q.limit, cursor=q.cursor)
+        resp.media = {"items": [render_audit(r) for r in page.items],
+                      "next_cursor": page.next_cursor}
 
 
-def mount(app, *, clock=utcnow):
+def mount(app, settings, *, clock=utcnow):
     """Add the /admin routes to ``app``."""
     routes = {
         "/users": Users, "/users/{user_id:uuid}": User,
@@ -313,4 +316,4 @@ def mount(app, *, clock=utcnow):
         "/audit": Audit,
     }
     for path, resource in routes.items():
-        app.add_route(API_PREFIX + path, resource(clock=clock))
+        app.add_route(API_PREFIX + path, resource(secret=settings.secret_key, clock=clock))

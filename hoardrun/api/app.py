@@ -69,7 +69,7 @@ def _routes(app, settings, health, clock):
     openapi.mount(app)
     auth_routes.mount(app, settings, clock=clock)
     users_routes.mount(app, clock=clock)
-    admin_routes.mount(app, clock=clock)
+    admin_routes.mount(app, settings, clock=clock)
     accounts_routes.mount(app)
     money_routes.mount(app, settings)
     transactions_routes.mount(app, settings, clock=clock)

@@ -193,9 +193,10 @@ class Cards:
     def on_get(self, req, resp):
         """List my cards (masked), newest first (cursor pagination)."""
         query = req.context.query
-        rows, next_cursor = cards.list_cards(req.context.user.id, limit=query.limit,
-                                             cursor=query.cursor)
-        resp.media = {"items": [render_card(c) for c in rows], "next_cursor": next_cursor}
+        page = cards.list_cards(req.context.user.id, secret=self.settings.secret_key,
+                                limit=query.limit, cursor=query.cursor)
+        resp.media = {"items": [render_card(c) for c in page.items],
+                      "next_cursor": page.next_cursor}
 
     @spec.validate(json=CardIn, resp=Response(HTTP_201=IssuedCardOut, **_ERRORS),
                    security=BEARER, tags=TAGS)
