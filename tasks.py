@@ -508,10 +508,46 @@ def serve(c, host="127.0.0.1", port=8000, threads=16):
                        code=1) from None
 
 
+@task(auto_shortflags=False, help={
+    "clients": "concurrent keep-alive clients per scenario (default 8)",
+    "seconds": "seconds each scenario runs (default 10)",
+    "scenario": "comma-separated subset of: " + ", ".join((
+        "health", "health_database", "account", "transfer", "p2p", "history_first",
+        "history_deep", "statement")) + " (default all)",
+    "users": "seeded users (default 1000)",
+    "accounts": "seeded accounts, split between the users (default 2000)",
+    "entries": "seeded ledger entries (default 200000)",
+    "threads": "waitress threads of the server under test (default 16)",
+    "scaling": "also time history pages at 10k, 100k and 1M entries in one account "
+               "(default on; --no-scaling skips it)",
+    "drop": "drop the bench database afterwards (default: keep it for `invoke db.verify`)",
+})
+def bench(c, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entries=200_000,
+          threads=16, scaling=True, drop=False):
+    """Measure the API against the database's own transfer ceiling on PostgreSQL."""
+    from bench import runner
+
+    _setup_logging()
+    if clients < 1 or seconds < 1 or users < 2 or accounts < users or entries < 0:
+        raise Exit("--clients and --seconds must be >= 1, --users >= 2, --accounts >= --users "
+                   "and --entries >= 0", code=1)
+    try:
+        report = runner.run(clients=clients, seconds=seconds, scenario=scenario, users=users,
+                            accounts=accounts, entries=entries, threads=threads,
+                            scaling_sizes=runner.SCALING_SIZES if scaling else (),
+                            keep=not drop)
+    except runner.BenchError as error:
+        raise Exit(f"bench: {error}", code=1) from None
+    except _database_errors() as error:
+        raise Exit(_one_line(error), code=1) from None
+    print(runner.format_report(report))
+    if not all(passed for *_, passed in report["checks"]):
+        raise Exit("bench: at least one target was missed (see FAIL above)", code=1)
+
+
 db = Collection("db", check, init, migrate, rollback, history, current, makemigration,
                 sample, reset, verify)
-# Top level: `test` and `serve`; `bench` is added next to them.
-ns = Collection(test, serve)
+ns = Collection(test, serve, bench)
 ns.add_collection(db)
 ns.add_collection(Collection("cards", rotate_keys))
 ns.add_collection(Collection("prices", set_price))

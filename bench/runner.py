@@ -266,7 +266,7 @@ def run(*, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entr
         threads=None, url=None, scaling_sizes=SCALING_SIZES, keep=True):
     """Run the whole bench; return the report dict (also written under bench/results/)."""
     url = url or os.environ.get("BENCH_DATABASE_URL") or DEFAULT_URL
-    threads = threads or max(8, clients)
+    threads = threads or max(16, clients)
     names = SCENARIOS if not scenario else tuple(s.strip() for s in scenario.split(","))
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
