@@ -77,12 +77,41 @@ def _field_errors(validation_error):
     return out
 
 
+def _nul_fields(value, path=""):
+    """Dotted names of the text fields in ``value`` (validated input) holding a NUL."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            yield path or "body"
+    elif isinstance(value, BaseModel):
+        for name, info in type(value).model_fields.items():
+            shown = info.alias or name
+            yield from _nul_fields(getattr(value, name), f"{path}.{shown}" if path else shown)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nul_fields(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _nul_fields(item, f"{path}.{index}" if path else str(index))
+
+
 def _before(req, resp, req_validation_error, instance, model_adapter):
-    """Turn spectree's own 422 body into our problem (raised, so one renderer)."""
+    """Turn spectree's own 422 body into our problem (raised, so one renderer).
+
+    A NUL character passes the declared schemas (it is a valid JSON and URL
+    character) but is never meaningful text, and PostgreSQL refuses it in any
+    string (the driver raises before the query is sent): it is refused here,
+    once for every body and query string, as a 422 naming the field.
+    """
     if req_validation_error is not None:
         errors = _field_errors(req_validation_error)
         fields = ", ".join(e["field"] for e in errors)
         raise ValidationError(f"Invalid input: {fields}", errors=errors)
+    nul = [name for part in ("query", "json", "headers")
+           for name in _nul_fields(getattr(req.context, part, None))]
+    if nul:
+        raise ValidationError(f"Invalid input: {', '.join(nul)} contains a NUL character",
+                              errors=[{"field": name, "detail": "must not contain a NUL "
+                                       "character"} for name in nul])
 
 
 def _after(req, resp, resp_validation_error, instance, model_adapter):
