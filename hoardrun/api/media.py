@@ -2,9 +2,10 @@
 
 Money never passes through a float: numbers with a fraction or exponent
 are parsed as ``Decimal`` (the money parser then refuses what it must), and
-``NaN``/``Infinity`` are refused as malformed JSON (400). Out, ``Decimal`` is
-written as a string so a client's float parser cannot round it, UUIDs as
-strings and datetimes as UTC ISO 8601 with ``Z``.
+``NaN``/``Infinity`` and absurdly deep nesting are refused as malformed
+JSON (400). Out, ``Decimal`` is written as a string so a client's float
+parser cannot round it, UUIDs as strings and datetimes as UTC ISO 8601
+with ``Z``.
 """
 
 import json
@@ -48,7 +49,17 @@ def _default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-loads = partial(json.loads, parse_float=Decimal, parse_constant=_refuse_constant)
+def loads(text):
+    """JSON text to Python, numbers with a fraction or exponent as ``Decimal``."""
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+    except RecursionError:
+        # A body nested deeper than the interpreter's recursion limit (e.g.
+        # 10,000 ``[``) is hostile, not a server fault: a ValueError makes it
+        # falcon's 400 malformed-JSON instead of an unhandled 500.
+        raise ValueError("JSON nested too deeply") from None
+
+
 dumps = partial(json.dumps, default=_default, ensure_ascii=False, allow_nan=False,
                 separators=(",", ":"))
 
