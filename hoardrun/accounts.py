@@ -38,6 +38,10 @@ def _clean_name(name):
     name = (name or "").strip() if isinstance(name, str) else ""
     if not name or len(name) > NAME_MAX:
         raise errors.ValidationError(f"name must be 1 to {NAME_MAX} characters", field="name")
+    # As for user names: a terminal escape, a bell or a bidi override shown in
+    # a statement, an admin screen or a log line would lie about the account.
+    if not name.isprintable():
+        raise errors.ValidationError("name must not contain control characters", field="name")
     return name
 
 
