@@ -11,9 +11,9 @@ with the filters it was made with. Queries live in ``hoardrun.history``.
 
 import uuid
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from spectree import Response
 
 from .. import cursors, history
@@ -64,6 +64,22 @@ class EntryList(BaseModel):
                                                 "the end")
 
 
+def _as_utc(value):
+    # Read without an offset as UTC (documented); a valid ISO 8601 time whose
+    # offset pushes it past year 1 or 9999 (0001-01-01T00:00+01:00) cannot
+    # be a UTC datetime: refuse it here (422 naming the field), not as an
+    # OverflowError deep in the query.
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
 class EntryQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -72,8 +88,8 @@ class EntryQuery(BaseModel):
     type: Literal[ENTRY_TYPES] | None = None
     direction: Literal[DIRECTIONS] | None = None
     status: Literal[ENTRY_STATUSES] | None = None
-    from_: datetime | None = Field(None, alias="from", description="Inclusive, ISO 8601")
-    to: datetime | None = Field(None, description="Exclusive, ISO 8601")
+    from_: UTCDateTime | None = Field(None, alias="from", description="Inclusive, ISO 8601")
+    to: UTCDateTime | None = Field(None, description="Exclusive, ISO 8601")
     min_amount: str | None = Field(None, max_length=40, examples=["10.00"])
     max_amount: str | None = Field(None, max_length=40, examples=["250.00"])
     merchant_category: str | None = Field(None, max_length=64)
@@ -84,9 +100,9 @@ class EntryQuery(BaseModel):
 class StatementQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    from_: datetime | None = Field(None, alias="from",
-                                   description="Inclusive; default: the start of to's month")
-    to: datetime | None = Field(None, description="Exclusive; default: now")
+    from_: UTCDateTime | None = Field(None, alias="from",
+                                      description="Inclusive; default: the start of to's month")
+    to: UTCDateTime | None = Field(None, description="Exclusive; default: now")
 
 
 class TypeTotalOut(BaseModel):
