@@ -392,6 +392,10 @@ def _translate_pg(exc):
         return errors.InsufficientFunds("insufficient funds")
     if code == "23503":
         return errors.NotFound("account not found")
+    if code == "22003":
+        # numeric_value_out_of_range: a cash amount the function computed from
+        # the request (a trade's quantity x price) does not fit BIGINT minor units.
+        return errors.AmountError("the amount is too large")
     return exc
 
 
