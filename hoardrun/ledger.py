@@ -416,6 +416,7 @@ def _posting(row):
 # --------------------------------------------------------------------------
 
 _ACCOUNT_COLUMNS = "id, user_id, type, status, currency, balance, overdraft_limit"
+_BIGINT_MAX = 2 ** 63 - 1
 
 
 @dataclass
@@ -661,6 +662,9 @@ class _SqliteLedger:
                 raise errors.CurrencyMismatch(
                     f"currency mismatch: {symbol} trades in {price_currency}")
             cash = round_to_minor(quantity * price, acc.currency)
+            if cash > _BIGINT_MAX:
+                # What PostgreSQL's cast of the cash leg refuses (22003), refused alike.
+                raise errors.AmountError("the amount is too large")
             if cash <= 0:
                 raise errors.OrderTooSmall("order is worth less than one minor unit")
             settlement = self.settlement_account(acc.currency)
