@@ -11,12 +11,12 @@ sweeper: the key is claimed with an INSERT into ``idempotency_keys``
 (UNIQUE (user_id, key)) in the SAME database transaction as the movement
 and the stored response.
 
-* PostgreSQL: a second request with the key blocks in its INSERT … ON
-  CONFLICT DO NOTHING on the unique index until the first commits, then
-  finds the row and replays it. If the first rolls back (crash, lost
-  connection, unexpected error), the claim vanishes with the movement and
-  the waiter claims the key and runs: money moves once, and a key is never
-  left half-claimed.
+* PostgreSQL: a second request with the key blocks in its INSERT on the
+  unique index until the first commits, then fails with a unique violation
+  (nothing after the INSERT ran), rolls back and replays the stored row. If
+  the first rolls back (crash, lost connection, unexpected error), the claim
+  vanishes with the movement and the waiter claims the key and runs: money
+  moves once, and a key is never left half-claimed.
 * SQLite: the transaction starts with BEGIN IMMEDIATE (the write lock up
   front), so requests with one key simply run one after the other.
 
@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 
+import peewee as pw
+
 from . import errors
-from .db import db, execute_deferred
+from .db import db, driver_error, execute_deferred
 
 HEADER = "Idempotency-Key"
 KEY_MAX_LENGTH = 255
@@ -108,28 +110,47 @@ def run(user_id, key, fingerprint, action, *, on_error):
         return Outcome(status, body, False)
 
     user = _id(user_id)
-    with db.atomic():
-        claimed = db.execute_sql(
-            _sql("INSERT INTO idempotency_keys (id, user_id, key, request_hash) "
-                 "VALUES (?, ?, ?, ?) ON CONFLICT (user_id, key) DO NOTHING"),
-            (uuid.uuid4().hex, user, key, fingerprint)).rowcount == 1
-        if not claimed:
-            return _replay(user, key, fingerprint)
-        try:
-            # A savepoint: on PostgreSQL a refused ledger call aborts only
-            # this part, and the claim and the stored refusal still commit.
-            with db.atomic():
-                status, body = action()
-        except errors.HoardRunError as exc:
-            if exc.status >= 500:
-                raise
-            status, body = on_error(exc)
-        # Sent with the COMMIT on PostgreSQL: one round trip for both.
-        execute_deferred(
-            _sql("UPDATE idempotency_keys SET response_status = ?, response_body = ? "
-                 "WHERE user_id = ? AND key = ?"),
-            (status, body, user, key))
+    try:
+        with db.atomic():
+            # A plain INSERT, not ON CONFLICT DO NOTHING: a key already taken
+            # fails loudly, so on PostgreSQL the claim can travel in the same
+            # round trip as the movement (execute_deferred): if it fails, the
+            # server stops at it and nothing after it runs.
+            execute_deferred(
+                _sql("INSERT INTO idempotency_keys (id, user_id, key, request_hash) "
+                     "VALUES (?, ?, ?, ?)"),
+                (uuid.uuid4().hex, user, key, fingerprint))
+            try:
+                # A savepoint: on PostgreSQL a refused ledger call aborts only
+                # this part, and the claim and the stored refusal still commit.
+                with db.atomic():
+                    status, body = action()
+            except errors.HoardRunError as exc:
+                if exc.status >= 500:
+                    raise
+                status, body = on_error(exc)
+            # Sent with the COMMIT on PostgreSQL: one round trip for both.
+            execute_deferred(
+                _sql("UPDATE idempotency_keys SET response_status = ?, response_body = ? "
+                     "WHERE user_id = ? AND key = ?"),
+                (status, body, user, key))
+    except pw.IntegrityError as exc:
+        # The key's row exists: its request committed first (PostgreSQL's
+        # INSERT waited for it), so its response is there to replay.
+        if not _is_key_conflict(exc):
+            raise
+        return _replay(user, key, fingerprint)
     return Outcome(status, body, False)
+
+
+def _is_key_conflict(exc):
+    """Whether ``exc`` is the UNIQUE (user_id, key) violation of a claim."""
+    orig = driver_error(exc)
+    constraint = getattr(getattr(orig, "diag", None), "constraint_name", None)
+    if constraint is not None:
+        return constraint == "idempotency_keys_user_id_key"
+    # SQLite names the columns instead of the index.
+    return "idempotency_keys.user_id, idempotency_keys.key" in str(exc)
 
 
 def _replay(user, key, fingerprint):

@@ -115,8 +115,8 @@ def test_begin_savepoint_and_audit_ride_along(sent):
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-def test_a_keyed_transfer_costs_four_round_trips(client, make_user, sent):
-    """Token, key claim, ledger call, then audit + stored response + COMMIT together.
+def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
+    """Token; key claim with the ledger call; audit + stored response + COMMIT together.
 
     (The deposit has already read the source account's currency, which never changes.)
     """
@@ -132,5 +132,6 @@ def test_a_keyed_transfer_costs_four_round_trips(client, make_user, sent):
                                {"from_account_id": src, "to_account_id": dst, "amount": "1.00"},
                                key=uuid.uuid4().hex)
         assert result.status_code == 201, result.text
-        assert len(sent) == 4, sent
+        assert len(sent) == 3, sent
+    assert "INSERT INTO idempotency_keys" in sent[1] and "hoardrun_transfer" in sent[1]
     assert sent[-1].endswith("COMMIT") and "INSERT INTO audit_log" in sent[-1]
