@@ -44,9 +44,9 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://hoardrun.dev/problems/"
 SERVER_THREADS = 8
 CLIENTS = 8
-# Measured on a 2-core box: 8 x 1,000 takes about 21 s on PostgreSQL and about
-# 21 s on SQLite (BEGIN IMMEDIATE serialises the writers, but each write is
-# short), both well inside the CI budget, so both backends run the full load.
+# Measured on a 2-core box: 8 x 1,000 takes 13-25 s on PostgreSQL and 13-35 s
+# on SQLite (BEGIN IMMEDIATE serialises the writers, but each write is short),
+# well inside the CI budget, so both backends run the full load.
 REQUESTS_PER_CLIENT = 1000
 CLIENT_TIMEOUT = 30  # seconds; a hung request fails the test instead of stalling it
 
@@ -194,7 +194,7 @@ def test_concurrent_transfers_and_payments_keep_the_books_whole(app, settings):
         for client in clients:
             client.start()
         for client in clients:
-            client.join(timeout=CLIENT_TIMEOUT * REQUESTS_PER_CLIENT)
+            client.join(timeout=300)
             assert not client.is_alive(), f"{client.name} did not finish"
             assert client.error is None, f"{client.name} failed: {client.error!r}"
     db.close()  # this thread's connection was idle through the run: read fresh
