@@ -7,24 +7,24 @@ response back, same status and same body, without running again. The same
 key with a different request is refused (``IdempotencyKeyReused``, 422).
 
 How "once" is guaranteed, on both backends, without a lock table or a
-sweeper: the key is claimed with an INSERT into ``idempotency_keys``
-(UNIQUE (user_id, key)) in the SAME database transaction as the movement
-and the stored response.
+sweeper: the key row (with the response) is INSERTed into
+``idempotency_keys`` (UNIQUE (user_id, key)) in the SAME database
+transaction as the movement, as its last write.
 
-* PostgreSQL: a second request with the key blocks in its INSERT on the
-  unique index until the first commits, then fails with a unique violation
-  (nothing after the INSERT ran), rolls back and replays the stored row. If
-  the first rolls back (crash, lost connection, unexpected error), the claim
-  vanishes with the movement and the waiter claims the key and runs: money
-  moves once, and a key is never left half-claimed.
-* SQLite: the transaction starts with BEGIN IMMEDIATE (the write lock up
+* Two requests with one key may both start; the second to reach its key
+  INSERT waits on the unique index for the first to commit, then fails with
+  a unique violation, so its whole transaction, movement included, rolls
+  back, and it replays the stored response instead. If the first rolls back
+  (crash, lost connection, unexpected error), nothing of it remains and the
+  second commits: money moves once, and no key is ever left half-written.
+* SQLite: transactions start with BEGIN IMMEDIATE (the write lock up
   front), so requests with one key simply run one after the other.
 
 Refusals the domain raises on purpose (4xx ``HoardRunError``: insufficient
-funds, not found, …) are part of the first response and are stored too;
-the movement itself runs in a savepoint, so its failure leaves the claim
-usable. Unexpected errors (5xx) roll everything back and store nothing, so
-the client may retry with the same key.
+funds, not found, …) are part of the first response and are stored too, on
+their own after the refused transaction rolled back (it changed nothing).
+Unexpected errors (5xx) store nothing, so the client may retry with the
+same key.
 
 The statements are raw SQL: this runs on every money-moving POST
 (PERFORMANCE.md item 6).
@@ -110,33 +110,28 @@ def run(user_id, key, fingerprint, action, *, on_error):
         return Outcome(status, body, False)
 
     user = _id(user_id)
+    store = _sql("INSERT INTO idempotency_keys (id, user_id, key, request_hash, response_status, "
+                 "response_body) VALUES (?, ?, ?, ?, ?, ?)")
     try:
-        with db.atomic():
-            # A plain INSERT, not ON CONFLICT DO NOTHING: a key already taken
-            # fails loudly, so on PostgreSQL the claim can travel in the same
-            # round trip as the movement (execute_deferred): if it fails, the
-            # server stops at it and nothing after it runs.
-            execute_deferred(
-                _sql("INSERT INTO idempotency_keys (id, user_id, key, request_hash) "
-                     "VALUES (?, ?, ?, ?)"),
-                (uuid.uuid4().hex, user, key, fingerprint))
-            try:
-                # A savepoint: on PostgreSQL a refused ledger call aborts only
-                # this part, and the claim and the stored refusal still commit.
-                with db.atomic():
-                    status, body = action()
-            except errors.HoardRunError as exc:
-                if exc.status >= 500:
-                    raise
-                status, body = on_error(exc)
-            # Sent with the COMMIT on PostgreSQL: one round trip for both.
-            execute_deferred(
-                _sql("UPDATE idempotency_keys SET response_status = ?, response_body = ? "
-                     "WHERE user_id = ? AND key = ?"),
-                (status, body, user, key))
+        try:
+            with db.atomic():
+                status, body = action()
+                # The key and the response land with the movement's COMMIT (on
+                # PostgreSQL in the same round trip). A concurrent twin ran its
+                # own movement meanwhile; its key INSERT fails on the unique
+                # index at its COMMIT, which rolls that movement back.
+                execute_deferred(store, (uuid.uuid4().hex, user, key, fingerprint, status, body))
+        except errors.HoardRunError as exc:
+            if exc.status >= 500:
+                raise
+            # A refusal changed nothing; record it on its own, so a retry with
+            # this key gets the same answer. If a twin got there first, ours
+            # fails the same way and theirs is replayed.
+            status, body = on_error(exc)
+            db.execute_sql(store, (uuid.uuid4().hex, user, key, fingerprint, status, body))
     except pw.IntegrityError as exc:
-        # The key's row exists: its request committed first (PostgreSQL's
-        # INSERT waited for it), so its response is there to replay.
+        # The key's row exists: its request committed first, so its response
+        # is there to replay.
         if not _is_key_conflict(exc):
             raise
         return _replay(user, key, fingerprint)

@@ -116,7 +116,7 @@ def test_begin_savepoint_and_audit_ride_along(sent):
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
-    """Token; key claim with the ledger call; audit + stored response + COMMIT together.
+    """Token; the ledger call; audit + key with its response + COMMIT together.
 
     (The deposit has already read the source account's currency, which never changes.)
     """
@@ -133,5 +133,6 @@ def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
                                key=uuid.uuid4().hex)
         assert result.status_code == 201, result.text
         assert len(sent) == 3, sent
-    assert "INSERT INTO idempotency_keys" in sent[1] and "hoardrun_transfer" in sent[1]
-    assert sent[-1].endswith("COMMIT") and "INSERT INTO audit_log" in sent[-1]
+    assert sent[1].startswith("BEGIN; SELECT * FROM hoardrun_transfer")
+    assert sent[2].endswith("COMMIT")
+    assert "INSERT INTO audit_log" in sent[2] and "INSERT INTO idempotency_keys" in sent[2]
