@@ -28,7 +28,7 @@ from peewee import Case
 
 from . import audit, errors
 from .config import DEFAULT_TOKEN_TTL
-from .db import db
+from .db import PostgresDatabase, db, execute_prepared, is_postgres
 from .models import AuthToken, User
 from .security import (
     dummy_verify, hash_password, hash_token, looks_like_token, needs_rehash, new_token,
@@ -65,19 +65,18 @@ def _db_time(value):
     return AuthToken.expires_at.db_value(value)
 
 
-def _param():
-    return db.obj.param
-
-
 # --------------------------------------------------------------------------
 # Tokens
 
 _AUTHENTICATE_SQL = (
     "SELECT u.id, u.email, u.role, u.status"
     " FROM auth_tokens t JOIN users u ON u.id = t.user_id"
-    " WHERE t.token_hash = {p} AND t.revoked_at IS NULL AND t.expires_at > {p}"
+    " WHERE t.token_hash = {0} AND t.revoked_at IS NULL AND t.expires_at > {1}"
     " AND u.status = 'active'")
-_AUTHENTICATE = {p: _AUTHENTICATE_SQL.format(p=p) for p in ("%s", "?")}
+_AUTHENTICATE_SQLITE = _AUTHENTICATE_SQL.format("?", "?")
+# Every authenticated request runs this: PostgreSQL plans it once per connection.
+PostgresDatabase.prepare("hoardrun_authenticate", ("text", "timestamptz"),
+                         _AUTHENTICATE_SQL.format("$1", "$2"))
 
 
 def authenticate(token, *, now=None):
@@ -88,8 +87,9 @@ def authenticate(token, *, now=None):
     """
     if not looks_like_token(token):
         return None
-    row = db.execute_sql(_AUTHENTICATE[_param()],
-                         (hash_token(token), _db_time(now or utcnow()))).fetchone()
+    params = (hash_token(token), _db_time(now or utcnow()))
+    row = (execute_prepared("hoardrun_authenticate", params) if is_postgres()
+           else db.execute_sql(_AUTHENTICATE_SQLITE, params)).fetchone()
     if row is None:
         return None
     user_id, email, role, status = row

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee as pw
-from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
+from playhouse.pool import MaxConnectionsExceeded, PooledSqliteDatabase
+from playhouse.pool import _PooledPostgresqlDatabase
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,25 @@ class _PrePingMixin:
         }
 
 
-class PostgresDatabase(_PrePingMixin, PooledPostgresqlDatabase):
+class _PreparedStatements(pw.PostgresqlDatabase):
+    """Runs the registered PREPAREs on each new physical connection.
+
+    It sits below the pool in the MRO, so it sees only connections the pool
+    creates, never the ones it hands out again.
+    """
+
+    def _connect(self):
+        conn = super()._connect()
+        if PostgresDatabase.prepared:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("; ".join(PostgresDatabase.prepared.values()))
+            except Exception:  # e.g. tables not migrated yet: execute_prepared retries
+                log.debug("prepared statements deferred to first use", exc_info=True)
+        return conn
+
+
+class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, _PreparedStatements):
     """Pooled PostgreSQL with pre-ping, overflow and piggybacked transaction control.
 
     Round trips, not SQL, are the cost on the money path (PERFORMANCE.md), so
@@ -142,6 +161,18 @@ class PostgresDatabase(_PrePingMixin, PooledPostgresqlDatabase):
     """
 
     _SAVEPOINT_PREFIXES = ("SAVEPOINT ", "RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOINT ")
+
+    #: name -> PREPARE statement, run once on each new physical connection.
+    #: For statements on every request (PERFORMANCE.md item 3): the server
+    #: plans them once per connection instead of on every call. Register with
+    #: ``prepare()`` at import time; call with ``EXECUTE name(...)``.
+    prepared = {}
+
+    @classmethod
+    def prepare(cls, name, parameter_types, sql):
+        """Register ``sql`` (with $1, $2 … placeholders) as prepared statement ``name``."""
+        cls.prepared[name] = f"PREPARE {name} ({', '.join(parameter_types)}) AS {sql}"
+
 
     def __init__(self, *args, **kwargs):
         self._queued = threading.local()
@@ -356,6 +387,23 @@ def driver_error(exc):
         if candidate is not None and not isinstance(candidate, str):
             return candidate
     return exc
+
+
+def execute_prepared(name, params):
+    """Run the statement registered as ``name`` with ``PostgresDatabase.prepare``.
+
+    A connection opened before the statement was registered prepares it on
+    first use (outside a transaction, where a failed statement costs nothing).
+    """
+    database = db.obj
+    sql = f"EXECUTE {name}({', '.join(['%s'] * len(params))})"
+    try:
+        return database.execute_sql(sql, params)
+    except pw.DatabaseError as exc:
+        if getattr(driver_error(exc), "pgcode", None) != "26000" or database.in_transaction():
+            raise
+        database.execute_sql(PostgresDatabase.prepared[name])
+        return database.execute_sql(sql, params)
 
 
 def execute_deferred(sql, params=()):

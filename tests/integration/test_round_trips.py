@@ -136,3 +136,15 @@ def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
     assert sent[1].startswith("BEGIN; SELECT * FROM hoardrun_transfer")
     assert sent[2].endswith("COMMIT")
     assert "INSERT INTO audit_log" in sent[2] and "INSERT INTO idempotency_keys" in sent[2]
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_connection_without_the_prepared_lookup_prepares_it_on_use(client, make_user):
+    """A pooled connection that lost its prepared statements (or predates them) recovers."""
+    from hoardrun import auth
+
+    person = make_user()
+    db.execute_sql("DEALLOCATE ALL")
+    assert auth.authenticate(person.token).id == person.id
+    names = [row[0] for row in db.execute_sql("SELECT name FROM pg_prepared_statements")]
+    assert "hoardrun_authenticate" in names
