@@ -204,7 +204,9 @@ def test_concurrent_transfers_and_payments_keep_the_books_whole(app, settings):
 
     # Every answer is a receipt or a client-error problem; never a server error.
     statuses = Counter(status for _, _, status, _, _ in results)
-    assert all(status == 201 or 400 <= status < 500 for status in statuses), statuses
+    unexpected = [(status, data[:300]) for _, _, status, _, data in results
+                  if not (status == 201 or 400 <= status < 500)]
+    assert not unexpected, (statuses, unexpected[:5])
     refusals = Counter()
     acknowledged = {"transfer": set(), "p2p": set()}
     expected = defaultdict(int)
