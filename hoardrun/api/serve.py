@@ -79,7 +79,12 @@ def stop(server, thread=None, timeout=10):
     # Workers first: a worker still finishing a response must not touch a
     # channel or the trigger after they are closed.
     server.task_dispatcher.shutdown(timeout=timeout)
-    server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+    try:
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+    except OSError:
+        # The trigger is closed already (EBADF): the loop has ended, so
+        # nothing polls the sockets any more and closing them here is safe.
+        wasyncore.close_all(server._map)
     if thread is not None:
         thread.join(timeout)
 
