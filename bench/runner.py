@@ -343,7 +343,7 @@ def run(*, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entr
             url, clients=clients, seconds=seconds, pairs=len(people)))
         report["ceiling"] = cap
         if scaling_sizes:
-            report["scaling"] = scaling(url, server.port, scaling_sizes, max(2, seconds // 3))
+            report["scaling"] = scaling(url, server.port, scaling_sizes, seconds)
     finally:
         server.stop()
     report["server_peak_rss_mib"] = round(server.peak_rss / 2 ** 20, 1)
