@@ -9,9 +9,10 @@ import uuid
 
 from . import audit, errors, ledger
 from .auth import utcnow
-from .db import db
-from .models import SETTLEMENT, Account, AuditLog, Transaction
 from .cursors import page_query
+from .db import db
+from .ids import parse_id
+from .models import SETTLEMENT, Account, AuditLog, Transaction
 
 # action -> (the status it applies to, the status it sets)
 _ACCOUNT_TRANSITIONS = {
@@ -21,10 +22,7 @@ _ACCOUNT_TRANSITIONS = {
 
 
 def _uuid_or_404(value, what):
-    try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    except ValueError:
-        raise errors.NotFound(f"{what} not found") from None
+    return parse_id(value, what)
 
 
 def _set_account_status(action, account_id, *, actor_id, reason, request_id, now):

@@ -23,6 +23,7 @@ import peewee as pw
 from . import audit, errors, ledger
 from .cursors import page_query
 from .db import db, is_postgres
+from .ids import parse_id
 from .models import Account, Card, Transaction
 from .money import format_amount, get_currency, parse_amount
 from .security import CardCipher, fingerprint, generate_card_number, mask_card_number
@@ -458,9 +459,4 @@ def rotate_keys(settings, *, batch_size=500):
 
 
 def _uuid(value, field=None):
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise errors.NotFound(f"{field or 'card'} not found", field=field) from None
+    return parse_id(value, field or "card", field=field)

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from . import errors
 from .cursors import check_limit, encode_cursor, keyset, page_of
 from .db import db, to_utc
+from .ids import parse_id
 from .models import DIRECTIONS, ENTRY_STATUSES, ENTRY_TYPES, MOVEMENT_STATUSES, Transaction
 from .money import parse_amount
 
@@ -141,10 +142,7 @@ def _uuid(value):
 
 
 def _as_uuid(value, field_name):
-    try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    except ValueError:
-        raise errors.NotFound("not found", field=field_name) from None
+    return parse_id(value, field=field_name)
 
 
 def _ts(value):

@@ -26,13 +26,14 @@ from decimal import Decimal
 
 from . import audit, errors, ledger
 from .db import db, is_postgres
+from .ids import parse_id
+from .ledger import QUANTITY_PLACES
 from .models import INVESTMENT_TYPES, InstrumentPrice, Investment
 from .money import CURRENCIES, format_amount, get_currency
 
 SIDES = ("buy", "sell")
-#: Quantities and prices: up to 16 digits before the point and 8 after (NUMERIC(24, 8)).
-QUANTITY_PLACES = 8
-_DECIMAL = re.compile(r"[0-9]{1,16}(\.[0-9]{1,8})?")
+#: Quantities and prices: up to 16 digits before the point and QUANTITY_PLACES after.
+_DECIMAL = re.compile(rf"[0-9]{{1,16}}(\.[0-9]{{1,{QUANTITY_PLACES}}})?")
 _SYMBOL = re.compile(r"[A-Z0-9][A-Z0-9.\-]{0,11}")
 _PLACES = Decimal(10) ** -QUANTITY_PLACES
 
@@ -362,12 +363,7 @@ def _places(value):
 
 
 def _as_uuid(value, field=None):
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise errors.NotFound(f"{field or 'holding'} not found") from None
+    return parse_id(value, field or "holding")
 
 
 def _db_uuid(value, field=None):

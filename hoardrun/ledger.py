@@ -22,6 +22,7 @@ import peewee as pw
 
 from . import errors
 from .db import db, driver_error, is_postgres, to_utc
+from .ids import parse_id
 from .models import CARD_CHANNELS, INVESTMENT_TYPES, InstrumentPrice, Investment
 from .money import MAX_MINOR_UNITS, get_currency, round_to_minor
 
@@ -99,12 +100,7 @@ def _check_amount(amount):
 
 
 def _uuid(value, field):
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise errors.NotFound(f"{field} not found", field=field) from None
+    return parse_id(value, field, field=field)
 
 
 # --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import uuid
 
 from . import audit, errors, history, ledger
 from .db import db
+from .ids import parse_id
 from .money import parse_amount
 
 DESCRIPTION_MAX = 500
@@ -33,10 +34,7 @@ def _sql(statement):
 
 
 def _id(value, field):
-    try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    except ValueError:
-        raise errors.NotFound("account not found", field=field) from None
+    return parse_id(value, "account", field=field)
 
 
 def _text(value, field):
