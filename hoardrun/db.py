@@ -173,7 +173,6 @@ class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, _PreparedStatem
         """Register ``sql`` (with $1, $2 … placeholders) as prepared statement ``name``."""
         cls.prepared[name] = f"PREPARE {name} ({', '.join(parameter_types)}) AS {sql}"
 
-
     def __init__(self, *args, **kwargs):
         self._queued = threading.local()
         super().__init__(*args, **kwargs)

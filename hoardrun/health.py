@@ -18,7 +18,6 @@ from urllib.parse import unquote, urlsplit
 import peewee as pw
 import psutil
 
-from . import __version__
 from . import db as dbm
 from . import schema
 

@@ -9,7 +9,7 @@ in ``Meta`` so the DDL matches the Python. Money is BIGINT minor units.
 import uuid
 
 import peewee as pw
-from peewee import SQL, Check
+from peewee import SQL
 
 from .db import BaseModel, UTCDateTimeField
 from .money import CURRENCY_CODES

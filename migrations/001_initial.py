@@ -9,7 +9,7 @@ append-only triggers are dialect-specific SQL, mirrored in ``rollback``.
 import uuid
 
 import peewee as pw
-from peewee import SQL, Check  # noqa: F401  (Check kept for future frozen edits)
+from peewee import SQL
 
 USER_ROLES = ('user', 'premium', 'admin')
 USER_STATUSES = ('pending', 'active', 'suspended', 'deactivated')

@@ -22,7 +22,7 @@ import http.client
 import json
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from money_helpers import API, ok, open_account

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from money_helpers import (
-    API, deposit, field_names, get_account, ok, open_account, post_money, problem,
+    deposit, field_names, get_account, ok, open_account, post_money, problem,
 )
 
 from hoardrun import ledger, movements
