@@ -364,17 +364,13 @@ def build_database(settings):
     return database
 
 
-_echo_lock = threading.Lock()
-
-
 def init_db(settings):
     """Build the database for ``settings``, bind ``db`` to it and return it."""
     if settings.database_url_is_default:
         log.info("DATABASE_URL is not set: using the embedded SQLite file %s",
                  sqlite_path(settings.database_url))
     database = build_database(settings)
-    with _echo_lock:
-        logging.getLogger("peewee").setLevel(logging.DEBUG if settings.echo else logging.WARNING)
+    logging.getLogger("peewee").setLevel(logging.DEBUG if settings.echo else logging.WARNING)
     db.initialize(database)
     return database
 
