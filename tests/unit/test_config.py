@@ -26,14 +26,15 @@ def prod():
 
 def test_defaults_match_the_design(env):
     s = load_settings(env)
-    assert (s.env, s.database_url, s.database_url_is_default) == (
-        "development", "sqlite:///hoardrun.db", True)
+    # No URL: the embedded server under .hoardrun/ (hoardrun.embedded binds it).
+    assert (s.env, s.database_url, s.database_url_is_default, s.data_dir) == (
+        "development", "", True, ".hoardrun")
     assert (s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle) == (20, 30, 30, 3600)
     assert s.max_connections == 50  # peewee's pool holds at most size + overflow
     assert (s.pool_pre_ping, s.echo, s.ssl_mode) == (True, False, "prefer")
     assert (s.connect_timeout, s.command_timeout) == (10, 60)
     assert (s.ssl_root_cert, s.ssl_cert, s.ssl_key, s.ssl_crl) == (None, None, None, None)
-    assert not s.is_postgres and not s.is_production
+    assert not s.embedded and not s.is_production
 
 
 def test_every_database_variable_is_read(env):
@@ -44,7 +45,7 @@ def test_every_database_variable_is_read(env):
         DATABASE_SSL_ROOT_CERT="/etc/ssl/root.crt", DATABASE_SSL_CERT="/etc/ssl/client.crt",
         DATABASE_SSL_KEY="/etc/ssl/client.key", DATABASE_SSL_CRL="/etc/ssl/root.crl",
         DATABASE_CONNECT_TIMEOUT="3", DATABASE_COMMAND_TIMEOUT="15"))
-    assert s.is_postgres and s.database_url == PG and not s.database_url_is_default
+    assert s.database_url == PG and not s.database_url_is_default
     assert (s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle) == (5, 0, 2.5, 600)
     assert (s.pool_pre_ping, s.echo, s.ssl_mode) == (False, True, "verify-full")
     assert (s.ssl_root_cert, s.ssl_cert, s.ssl_key, s.ssl_crl) == (
@@ -76,19 +77,27 @@ def test_blank_values_mean_the_default(env):
     assert (s.pool_size, s.ssl_mode, s.database_url_is_default) == (20, "prefer", True)
 
 
-@pytest.mark.parametrize("url, postgres", [
-    ("postgresql://u@h/db", True),
-    ("postgres://u@h/db", True),
-    ("PostgreSQL://u@h/db", True),  # schemes are case-insensitive: never read as SQLite
-    ("sqlite:///data/hoardrun.db", False),
-    ("SQLite:///data/hoardrun.db", False),
-    ("sqlite:////var/lib/hoardrun.db", False),
-    ("sqlite:///:memory:", False),
+@pytest.mark.parametrize("url, stored", [
+    ("postgresql://u@h/db", "postgresql://u@h/db"),
+    ("postgres://u@h/db", "postgres://u@h/db"),
+    ("PostgreSQL://u@h/db", "postgresql://u@h/db"),  # schemes are case-insensitive
+    ("postgresql://u@/db?host=/run/pg", "postgresql://u@/db?host=/run/pg"),  # a socket
+    ("postgresql:///db?host=/run/pg&port=5433", "postgresql:///db?host=/run/pg&port=5433"),
 ])
-def test_accepted_database_urls(env, url, postgres):
+def test_accepted_database_urls(env, url, stored):
     s = load_settings(dict(env, DATABASE_URL=url))
-    assert s.is_postgres is postgres
-    assert s.database_url.lower() == url.lower()
+    assert (s.database_url, s.database_url_is_default) == (stored, False)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///data/hoardrun.db", "SQLite:///data/hoardrun.db",
+                                 "sqlite:////var/lib/hoardrun.db", "sqlite:///:memory:"])
+def test_sqlite_urls_are_refused_with_what_to_do_instead(env, url):
+    with pytest.raises(ConfigError) as info:
+        load_settings(dict(env, DATABASE_URL=url))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.lower().startswith(f"database_url={url.lower()!r} is not valid")
+    assert "unset DATABASE_URL" in message and "postgresql://" in message
 
 
 BAD = [
@@ -108,9 +117,9 @@ BAD = [
     ("DATABASE_SSL_MODE", "sometimes", ["disable", "prefer", "verify-full"]),
     ("DATABASE_CONNECT_TIMEOUT", "0", ["integer >= 1"]),
     ("DATABASE_COMMAND_TIMEOUT", "1m", ["integer"]),
-    ("DATABASE_URL", "mysql://root@db/hoardrun", ["postgresql://", "sqlite:///"]),
-    ("DATABASE_URL", "hoardrun.db", ["postgresql://", "sqlite:///"]),
-    ("DATABASE_URL", "sqlite://hoardrun.db", ["sqlite:///"]),
+    ("DATABASE_URL", "mysql://root@db/hoardrun", ["postgresql://"]),
+    ("DATABASE_URL", "hoardrun.db", ["postgresql://"]),
+    ("DATABASE_URL", "sqlite://hoardrun.db", ["unset DATABASE_URL", "postgresql://"]),
     ("DATABASE_URL", "postgresql://db:notaport/x", ["port"]),
     ("HOARDRUN_ENV", "staging", ["development", "test", "production"]),
     ("HOARDRUN_CORS_ORIGINS", "example.com", ["http"]),
@@ -147,7 +156,7 @@ def test_a_value_with_a_newline_still_gives_one_line(env):
 
 def test_production_settings_load(prod):
     s = load_settings(prod)
-    assert s.is_production and s.is_postgres and s.secret_key == SECRET
+    assert s.is_production and s.database_url == PG and s.secret_key == SECRET
     assert s.card_keys == (CARD_KEY,)
 
 
@@ -195,9 +204,8 @@ def test_environment_name_is_case_insensitive(prod):
     ("postgresql:///x?host=/var/run/postgresql&PASSWORD=pw",
      "postgresql:///x?host=/var/run/postgresql&PASSWORD=***"),
     ("postgresql://db:5432/hoardrun", "postgresql://db:5432/hoardrun"),
-    ("sqlite:///hoardrun.db", "sqlite:///hoardrun.db"),
-    ("sqlite:////var/lib/hoardrun.db", "sqlite:////var/lib/hoardrun.db"),
-    ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ("postgresql://u:pw@/hoardrun?host=/run/pg", "postgresql://***@/hoardrun?host=/run/pg"),
+    ("postgresql:///hoardrun?host=/run/pg", "postgresql:///hoardrun?host=/run/pg"),
     ("postgresql://[::1/broken", "***"),
 ])
 def test_mask_url(url, masked):

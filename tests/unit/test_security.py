@@ -188,7 +188,7 @@ def test_cipher_refuses_missing_or_broken_keys_without_echoing_them():
 
 def test_cipher_from_settings_reads_the_comma_separated_key_list():
     old, new = new_card_key(), new_card_key()
-    settings = load_settings({"HOARDRUN_ENV": "test", "DATABASE_URL": "sqlite:///:memory:",
+    settings = load_settings({"HOARDRUN_ENV": "test", "DATABASE_URL": "postgresql://localhost/x",
                               "HOARDRUN_SECRET_KEY": SECRET,
                               "HOARDRUN_CARD_ENCRYPTION_KEYS": f"{new},{old}"})
     cipher = CardCipher.from_settings(settings)
