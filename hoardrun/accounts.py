@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 import peewee as pw
 
 from . import audit, errors
-from .db import db, is_postgres
+from .db import db
+from .text import clean_text
 from .models import ACCOUNT_TYPES, SETTLEMENT, Account
 from .money import get_currency
 from .security import luhn_check_digit
@@ -35,14 +36,7 @@ def new_account_number():
 
 
 def _clean_name(name):
-    name = (name or "").strip() if isinstance(name, str) else ""
-    if not name or len(name) > NAME_MAX:
-        raise errors.ValidationError(f"name must be 1 to {NAME_MAX} characters", field="name")
-    # As for user names: a terminal escape, a bell or a bidi override shown in
-    # a statement, an admin screen or a log line would lie about the account.
-    if not name.isprintable():
-        raise errors.ValidationError("name must not contain control characters", field="name")
-    return name
+    return clean_text(name, "name", max_length=NAME_MAX, required=True)
 
 
 def snapshot(account):
@@ -75,9 +69,9 @@ def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_li
         for attempt in range(_NUMBER_ATTEMPTS):
             try:
                 with db.atomic():
-                    # Stamped here, not by the column default: SQLite's
-                    # CURRENT_TIMESTAMP has whole seconds, and "oldest first"
-                    # must hold for accounts opened within one second.
+                    # Stamped here, not by the column default (the
+                    # transaction's start): "oldest first" must hold for
+                    # accounts opened within one transaction's time.
                     now = _now()
                     account = Account.create(user=user_id, account_number=new_account_number(),
                                              name=name, type=type, currency=currency,
@@ -119,18 +113,15 @@ def get_account(user_id, account_id):
 def _locked_account(user_id, account_id):
     """``get_account`` holding the row lock for the rest of the transaction.
 
-    PostgreSQL: FOR UPDATE, the same lock the ledger takes, so a change here
-    and a money movement on the same account happen one after the other.
-    SQLite: the transaction already holds the database write lock.
+    FOR UPDATE, the same lock the ledger takes, so a change here and a
+    money movement on the same account happen one after the other.
     """
     query = (Account
              .select()
              .where((Account.id == account_id)
                     & (Account.user == user_id)
                     & (Account.type != SETTLEMENT)))
-    if is_postgres():
-        query = query.for_update()
-    account = query.first()
+    account = query.for_update().first()
     if account is None:
         raise errors.NotFound("account not found")
     return account
@@ -214,15 +205,13 @@ def close(user_id, account_id, *, request_id=None):
 
 
 def _lock_owner(user_id):
-    """Serialise primary-account changes of one user (PostgreSQL; SQLite's
-    write transaction is already exclusive).
+    """Serialise primary-account changes of one user.
 
     Two concurrent switches (or first-account opens) would otherwise both
     see the old state and the second would trip the one-primary index. The
     user row is the lock: the ledger never locks users, so no deadlock.
     """
-    if is_postgres():
-        db.execute_sql("SELECT id FROM users WHERE id = %s FOR UPDATE", (_uuid(user_id).hex,))
+    db.execute_sql("SELECT id FROM users WHERE id = %s FOR UPDATE", (_uuid(user_id).hex,))
 
 
 def _demote_primary(user_id):

@@ -7,10 +7,10 @@ deleted (a trigger from migration 001 refuses it).
 
 import json
 import uuid
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from decimal import Decimal
 
-from .db import db, execute_deferred
+from .db import execute_deferred
 
 
 def _default(value):
@@ -32,21 +32,13 @@ def record(action, entity_type, entity_id=None, *, actor_id=None, before=None, a
     ``entity_id`` is stored as text in its canonical form (UUIDs with dashes).
     """
     row_id = uuid.uuid4()
-    param = "%s" if db.obj.param == "%s" else "?"
     values = [row_id.hex, None if actor_id is None else uuid.UUID(str(actor_id)).hex, action,
               entity_type, None if entity_id is None else str(entity_id), _dump(before),
               _dump(after), request_id]
-    if param == "%s":
-        # PostgreSQL: the column DEFAULT (the transaction's time, microseconds).
-        created = "DEFAULT"
-    else:
-        # SQLite's CURRENT_TIMESTAMP has whole seconds, which would list one
-        # second's rows in random order: microseconds, in the ledger's text shape.
-        created = "?"
-        values.append(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f"))
     # Nobody reads this insert back in the request: it rides with the
-    # transaction's next statement or its COMMIT on PostgreSQL.
+    # transaction's next statement or its COMMIT. created_at is the column
+    # DEFAULT (the transaction's time, microseconds).
     execute_deferred(
         "INSERT INTO audit_log (id, actor_id, action, entity_type, entity_id, before, after, "
-        f"request_id, created_at) VALUES ({', '.join([param] * 8)}, {created})", values)
+        "request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", values)
     return row_id

@@ -28,7 +28,7 @@ from peewee import Case
 
 from . import audit, errors
 from .config import DEFAULT_TOKEN_TTL
-from .db import PostgresDatabase, db, execute_prepared, is_postgres
+from .db import PostgresDatabase, db, execute_prepared
 from .models import AuthToken, User
 from .security import (
     dummy_verify, hash_password, hash_token, looks_like_token, needs_rehash, new_token,
@@ -60,8 +60,7 @@ def utcnow():
 
 
 def _db_time(value):
-    # The column's own conversion: aware datetime on PostgreSQL, fixed-shape
-    # text on SQLite (so text comparison is time comparison).
+    # The column's own conversion (refuses a naive datetime).
     return AuthToken.expires_at.db_value(value)
 
 
@@ -73,7 +72,6 @@ _AUTHENTICATE_SQL = (
     " FROM auth_tokens t JOIN users u ON u.id = t.user_id"
     " WHERE t.token_hash = {0} AND t.revoked_at IS NULL AND t.expires_at > {1}"
     " AND u.status = 'active'")
-_AUTHENTICATE_SQLITE = _AUTHENTICATE_SQL.format("?", "?")
 # Every authenticated request runs this: PostgreSQL plans it once per connection.
 PostgresDatabase.prepare("hoardrun_authenticate", ("text", "timestamptz"),
                          _AUTHENTICATE_SQL.format("$1", "$2"))
@@ -88,8 +86,7 @@ def authenticate(token, *, now=None):
     if not looks_like_token(token):
         return None
     params = (hash_token(token), _db_time(now or utcnow()))
-    row = (execute_prepared("hoardrun_authenticate", params) if is_postgres()
-           else db.execute_sql(_AUTHENTICATE_SQLITE, params)).fetchone()
+    row = execute_prepared("hoardrun_authenticate", params).fetchone()
     if row is None:
         return None
     user_id, email, role, status = row

@@ -22,11 +22,12 @@ import peewee as pw
 
 from . import audit, errors, ledger
 from .cursors import page_query
-from .db import db, is_postgres
+from .db import db
 from .ids import parse_id
 from .models import Account, Card, Transaction
 from .money import format_amount, get_currency, parse_amount
 from .security import CardCipher, fingerprint, generate_card_number, mask_card_number
+from .text import clean_text
 
 #: Card types a customer can be issued (credit cards need an underwriting
 #: flow HoardRun does not have).
@@ -185,9 +186,8 @@ def issue_card(user_id, account_id, type, cardholder_name, *, settings, now=None
                         expiry_month=month, expiry_year=year,
                         daily_limit=DEFAULT_DAILY_LIMIT * factor,
                         monthly_limit=DEFAULT_MONTHLY_LIMIT * factor,
-                        # Explicit, not the column default: SQLite's
-                        # CURRENT_TIMESTAMP has whole seconds, which would
-                        # list cards issued in one second in random order.
+                        # Explicit, not the column default (the transaction's
+                        # start), so cards list in the order they were issued.
                         created_at=now, updated_at=now)
                 break
             except pw.IntegrityError as exc:
@@ -291,10 +291,7 @@ def _locked(user_id, card_id):
     query = (Card.select(Card, Account)
              .join(Account)
              .where((Card.id == _uuid(card_id)) & (Card.user == _uuid(user_id))))
-    if is_postgres():
-        # SQLite has no row locks: BEGIN IMMEDIATE already holds the write lock.
-        query = query.for_update(of=Card)
-    card = query.first()
+    card = query.for_update(of=Card).first()
     if card is None:
         raise errors.NotFound("card not found")
     return card
@@ -353,8 +350,10 @@ def pay(user_id, card_id, *, amount, currency, merchant_name, merchant_category,
     if channel not in CHANNELS:
         raise errors.ValidationError(f"channel must be one of {', '.join(CHANNELS)}",
                                      field="channel")
-    merchant_name = _text(merchant_name, "merchant_name", 200)
-    merchant_category = _text(merchant_category, "merchant_category", 64)
+    merchant_name = clean_text(merchant_name, "merchant_name", max_length=200, required=True)
+    merchant_category = clean_text(merchant_category, "merchant_category", max_length=64,
+                                   required=True)
+    description = clean_text(description, "description", max_length=500)
     user_id, card_id = _uuid(user_id), _uuid(card_id)
     with db.atomic():
         posting = ledger.card_payment(
@@ -417,12 +416,6 @@ def _refunded(payment_id):
                .where((Transaction.refund_of == payment_id)
                       & (Transaction.direction == "inbound"))
                .scalar())
-
-
-def _text(value, name, max_length):
-    if not isinstance(value, str) or not value.strip() or len(value.strip()) > max_length:
-        raise errors.ValidationError(f"{name} must be 1 to {max_length} characters", field=name)
-    return value.strip()
 
 
 # --------------------------------------------------------------------------

@@ -9,9 +9,9 @@ server's secret key. A cursor that was edited, belongs to another list or
 was made with other filters is ``InvalidCursor`` (422), never a database
 error.
 
-NOTE: the cursor keeps ``created_at`` exactly as the database returned it
-(SQLite: the stored text), so the keyset comparison is against the very
-value stored and a page boundary can never repeat or skip a row.
+NOTE: the cursor keeps ``created_at`` with its full microsecond precision,
+so the keyset comparison is against the very value stored and a page
+boundary can never repeat or skip a row.
 """
 
 import base64
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from . import errors
-from .db import is_postgres
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -89,8 +88,7 @@ def decode_cursor(secret, scope, filters, cursor):
     if cursor_scope != scope or cursor_filters != _fingerprint(filters):
         raise bad
     parsed = datetime.fromisoformat(created)
-    # PostgreSQL compares timestamptz; SQLite compares the stored text itself.
-    return (parsed if is_postgres() else created), uuid.UUID(row_id)
+    return parsed, uuid.UUID(row_id)
 
 
 def page_of(rows, limit, make, secret, scope, filters, created_index):
@@ -105,10 +103,10 @@ def page_of(rows, limit, make, secret, scope, filters, created_index):
 
 
 def keyset(conditions, params, alias, secret, scope, filters, cursor):
-    """Add "after the cursor's row" to ``conditions``/``params`` (SQL with '?' marks)."""
+    """Add "after the cursor's row" to ``conditions``/``params`` (SQL with %s marks)."""
     if cursor:
         created, last_id = decode_cursor(secret, scope, filters, cursor)
-        conditions.append(f"({alias}.created_at, {alias}.id) < (?, ?)")
+        conditions.append(f"({alias}.created_at, {alias}.id) < (%s, %s)")
         params.extend([created, last_id.hex])
 
 
@@ -121,7 +119,7 @@ def page_query(query, model, *, secret, scope, filters=None, limit=None, cursor=
     limit = check_limit(limit)
     filters = filters or {}
     created, pk = model.created_at, model.id
-    # The stored value itself (SQLite: its text), as the module NOTE explains.
+    # The stored value as text, microseconds included, as the module NOTE explains.
     query = query.select_extend(created.cast("TEXT").alias("cursor_created"))
     if cursor:
         created_raw, last_id = decode_cursor(secret, scope, filters, cursor)

@@ -29,8 +29,8 @@ DATABASE_ANSWER_MAX_AGE = 1.0
 _MAX_ERROR_CHARS = 300
 
 # What a health check treats as "the database did not answer": driver and
-# pool errors alike (a corrupt SQLite file is a DatabaseError, not an
-# OperationalError).
+# pool errors alike (a server that answers with an error, e.g. a damaged
+# catalog, is a DatabaseError, not an OperationalError).
 CHECK_ERRORS = tuple(dbm.UNAVAILABLE_ERRORS) + (pw.DatabaseError,)
 
 
@@ -145,6 +145,18 @@ class Health:
         failed = [name for name, check in checks.items()
                   if check["status"] not in ("healthy", "up_to_date")]
         return not failed, checks, failed
+
+    @staticmethod
+    def readiness_body(ready, checks, failed, now):
+        """The readiness answer: the original service's shape, our detail beside it.
+
+        ``checks`` maps each check to a plain status string, exactly as the
+        original service answered (``{"database": "healthy"}``, ``"unhealthy"``
+        when down); ``details`` carries the error text and pending names.
+        """
+        return {"status": "ready" if ready else "not_ready", "timestamp": now,
+                "checks": {name: check["status"] for name, check in checks.items()},
+                "details": checks, "failed": failed}
 
     def _ask(self, question):
         """Run ``question``; if a pooled connection turns out dead, retry once.

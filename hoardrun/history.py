@@ -127,11 +127,6 @@ class Statement:
 # --------------------------------------------------------------------------
 # SQL helpers
 
-def _sql(statement):
-    # Written with '?' placeholders; psycopg2 wants '%s'. No literal '%' or
-    # '?' appears in these statements (LIKE patterns are parameters).
-    return statement if db.obj.param == "?" else statement.replace("?", "%s")
-
 
 def _hex(value):
     return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).hex
@@ -146,7 +141,7 @@ def _as_uuid(value, field_name):
 
 
 def _ts(value):
-    """A timestamp parameter in the column's own form (text on SQLite)."""
+    """A timestamp parameter in the column's own form (refuses naive datetimes)."""
     return Transaction.created_at.db_value(value)
 
 
@@ -226,8 +221,8 @@ def _owned_account(user_id, account_id):
     """``(id, currency)`` of the user's account, or NotFound."""
     account_id = _as_uuid(account_id, "account_id")
     row = db.execute_sql(
-        _sql("SELECT id, currency FROM accounts WHERE id = ? AND user_id = ? "
-             "AND type <> 'settlement'"),
+        "SELECT id, currency FROM accounts WHERE id = %s AND user_id = %s "
+            "AND type <> 'settlement'",
         (account_id.hex, _hex(user_id))).fetchone()
     if row is None:
         raise errors.NotFound("account not found", field="account_id")
@@ -285,26 +280,26 @@ def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, typ
     if q is not None and (not isinstance(q, str) or len(q) > Q_MAX_LENGTH):
         raise errors.ValidationError(f"q must be at most {Q_MAX_LENGTH} characters", field="q")
 
-    conditions, params = ["t.account_id = ?"], [account_id.hex]
+    conditions, params = ["t.account_id = %s"], [account_id.hex]
     for column, value in (("type", type), ("direction", direction), ("status", status),
                           ("merchant_category", merchant_category)):
         if value is not None:
-            conditions.append(f"t.{column} = ?")
+            conditions.append(f"t.{column} = %s")
             params.append(value)
     if start is not None:
-        conditions.append("t.created_at >= ?")
+        conditions.append("t.created_at >= %s")
         params.append(_ts(start))
     if end is not None:
-        conditions.append("t.created_at < ?")
+        conditions.append("t.created_at < %s")
         params.append(_ts(end))
     if low is not None:
-        conditions.append("t.amount >= ?")
+        conditions.append("t.amount >= %s")
         params.append(low)
     if high is not None:
-        conditions.append("t.amount <= ?")
+        conditions.append("t.amount <= %s")
         params.append(high)
     if q:
-        conditions.append("lower(t.description) LIKE ? ESCAPE '\\'")
+        conditions.append("lower(t.description) LIKE %s ESCAPE '\\'")
         params.append(_like_pattern(q))
     filters = _entry_filters(type=type, direction=direction, status=status, start=start,
                              end=end, low=low, high=high, merchant_category=merchant_category,
@@ -312,8 +307,8 @@ def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, typ
     scope = _entries_scope(account_id)
     keyset(conditions, params, "t", secret, scope, filters, cursor)
     rows = db.execute_sql(
-        _sql(_ENTRY_SELECT + "WHERE " + " AND ".join(conditions)
-             + " ORDER BY t.created_at DESC, t.id DESC LIMIT ?"),
+        _ENTRY_SELECT + "WHERE " + " AND ".join(conditions)
+            + " ORDER BY t.created_at DESC, t.id DESC LIMIT %s",
         (*params, limit + 1)).fetchall()
     return page_of(rows, limit, _entry(me), secret, scope, filters, created_index=13)
 
@@ -323,8 +318,8 @@ def entry(user_id, entry_id):
     me = uuid.UUID(str(user_id))
     entry_id = _as_uuid(entry_id, "transaction_id")
     row = db.execute_sql(
-        _sql(_ENTRY_SELECT + "JOIN accounts a ON a.id = t.account_id "
-             "WHERE t.id = ? AND a.user_id = ?"),
+        _ENTRY_SELECT + "JOIN accounts a ON a.id = t.account_id "
+            "WHERE t.id = %s AND a.user_id = %s",
         (entry_id.hex, me.hex)).fetchone()
     if row is None:
         raise errors.NotFound("transaction not found")
@@ -352,19 +347,19 @@ def transfers(user_id, *, secret, limit=None, cursor=None, account_id=None, stat
     limit = check_limit(limit)
     me = uuid.UUID(str(user_id))
     _choice(status, MOVEMENT_STATUSES, "status")
-    conditions, params = ["m.user_id = ?"], [me.hex]
+    conditions, params = ["m.user_id = %s"], [me.hex]
     if account_id is not None:
         account = _as_uuid(account_id, "account_id").hex
-        conditions.append("(m.from_account_id = ? OR m.to_account_id = ?)")
+        conditions.append("(m.from_account_id = %s OR m.to_account_id = %s)")
         params.extend([account, account])
     if status is not None:
-        conditions.append("m.status = ?")
+        conditions.append("m.status = %s")
         params.append(status)
     filters = {"account_id": account_id and str(account_id), "status": status}
     keyset(conditions, params, "m", secret, "transfers", filters, cursor)
     rows = db.execute_sql(
-        _sql(_TRANSFER_SELECT + "WHERE " + " AND ".join(conditions)
-             + " ORDER BY m.created_at DESC, m.id DESC LIMIT ?"),
+        _TRANSFER_SELECT + "WHERE " + " AND ".join(conditions)
+            + " ORDER BY m.created_at DESC, m.id DESC LIMIT %s",
         (*params, limit + 1)).fetchall()
     return page_of(rows, limit, _transfer, secret, "transfers", filters, created_index=9)
 
@@ -372,7 +367,7 @@ def transfers(user_id, *, secret, limit=None, cursor=None, account_id=None, stat
 def transfer(user_id, transfer_id):
     """One of my transfers, or NotFound."""
     transfer_id = _as_uuid(transfer_id, "transfer_id")
-    row = db.execute_sql(_sql(_TRANSFER_SELECT + "WHERE m.id = ? AND m.user_id = ?"),
+    row = db.execute_sql(_TRANSFER_SELECT + "WHERE m.id = %s AND m.user_id = %s",
                          (transfer_id.hex, _hex(user_id))).fetchone()
     if row is None:
         raise errors.NotFound("transfer not found")
@@ -419,19 +414,19 @@ def payments(user_id, *, secret, limit=None, cursor=None, direction=None, status
     _choice(direction, ("sent", "received"), "direction")
     _choice(status, MOVEMENT_STATUSES, "status")
     if direction == "sent":
-        conditions, params = ["p.sender_id = ?"], [me.hex]
+        conditions, params = ["p.sender_id = %s"], [me.hex]
     elif direction == "received":
-        conditions, params = ["p.recipient_id = ?"], [me.hex]
+        conditions, params = ["p.recipient_id = %s"], [me.hex]
     else:
-        conditions, params = ["(p.sender_id = ? OR p.recipient_id = ?)"], [me.hex, me.hex]
+        conditions, params = ["(p.sender_id = %s OR p.recipient_id = %s)"], [me.hex, me.hex]
     if status is not None:
-        conditions.append("p.status = ?")
+        conditions.append("p.status = %s")
         params.append(status)
     filters = {"direction": direction, "status": status}
     keyset(conditions, params, "p", secret, "p2p", filters, cursor)
     rows = db.execute_sql(
-        _sql(_P2P_SELECT + "WHERE " + " AND ".join(conditions)
-             + " ORDER BY p.created_at DESC, p.id DESC LIMIT ?"),
+        _P2P_SELECT + "WHERE " + " AND ".join(conditions)
+            + " ORDER BY p.created_at DESC, p.id DESC LIMIT %s",
         (*params, limit + 1)).fetchall()
     return page_of(rows, limit, _payment(me), secret, "p2p", filters, created_index=10)
 
@@ -441,7 +436,7 @@ def payment(user_id, payment_id):
     me = uuid.UUID(str(user_id))
     payment_id = _as_uuid(payment_id, "payment_id")
     row = db.execute_sql(
-        _sql(_P2P_SELECT + "WHERE p.id = ? AND (p.sender_id = ? OR p.recipient_id = ?)"),
+        _P2P_SELECT + "WHERE p.id = %s AND (p.sender_id = %s OR p.recipient_id = %s)",
         (payment_id.hex, me.hex, me.hex)).fetchone()
     if row is None:
         raise errors.NotFound("payment not found")
@@ -466,10 +461,10 @@ def statement(user_id, account_id, *, start, end):
     account_id, currency = _owned_account(user_id, account_id)
     # '' can never be an entry type, so it marks "before the period".
     rows = db.execute_sql(
-        _sql("SELECT e.bucket, e.direction, COUNT(*), SUM(e.amount) FROM ("
-             "SELECT CASE WHEN created_at < ? THEN '' ELSE type END AS bucket, direction, amount "
-             "FROM transactions WHERE account_id = ? AND created_at < ?) e "
-             "GROUP BY e.bucket, e.direction ORDER BY e.bucket, e.direction"),
+        "SELECT e.bucket, e.direction, COUNT(*), SUM(e.amount) FROM ("
+            "SELECT CASE WHEN created_at < %s THEN '' ELSE type END AS bucket, direction, amount "
+            "FROM transactions WHERE account_id = %s AND created_at < %s) e "
+            "GROUP BY e.bucket, e.direction ORDER BY e.bucket, e.direction",
         (_ts(start), account_id.hex, _ts(end))).fetchall()
     opening = total_in = total_out = count = 0
     by_type = []

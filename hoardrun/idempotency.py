@@ -17,8 +17,6 @@ transaction as the movement, as its last write.
   back, and it replays the stored response instead. If the first rolls back
   (crash, lost connection, unexpected error), nothing of it remains and the
   second commits: money moves once, and no key is ever left half-written.
-* SQLite: transactions start with BEGIN IMMEDIATE (the write lock up
-  front), so requests with one key simply run one after the other.
 
 Refusals the domain raises on purpose (4xx ``HoardRunError``: insufficient
 funds, not found, …) are part of the first response and are stored too, on
@@ -87,10 +85,6 @@ def request_hash(method, path, body):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _sql(statement):
-    # Written with '?' placeholders; psycopg2 wants '%s'.
-    return statement if db.obj.param == "?" else statement.replace("?", "%s")
-
 
 def _id(value):
     return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).hex
@@ -110,8 +104,8 @@ def run(user_id, key, fingerprint, action, *, on_error):
         return Outcome(status, body, False)
 
     user = _id(user_id)
-    store = _sql("INSERT INTO idempotency_keys (id, user_id, key, request_hash, response_status, "
-                 "response_body) VALUES (?, ?, ?, ?, ?, ?)")
+    store = ("INSERT INTO idempotency_keys (id, user_id, key, request_hash, response_status, "
+                 "response_body) VALUES (%s, %s, %s, %s, %s, %s)")
     try:
         try:
             with db.atomic():
@@ -142,16 +136,13 @@ def _is_key_conflict(exc):
     """Whether ``exc`` is the UNIQUE (user_id, key) violation of a claim."""
     orig = driver_error(exc)
     constraint = getattr(getattr(orig, "diag", None), "constraint_name", None)
-    if constraint is not None:
-        return constraint == "idempotency_keys_user_id_key"
-    # SQLite names the columns instead of the index.
-    return "idempotency_keys.user_id, idempotency_keys.key" in str(exc)
+    return constraint == "idempotency_keys_user_id_key"
 
 
 def _replay(user, key, fingerprint):
     row = db.execute_sql(
-        _sql("SELECT request_hash, response_status, response_body FROM idempotency_keys "
-             "WHERE user_id = ? AND key = ?"),
+        "SELECT request_hash, response_status, response_body FROM idempotency_keys "
+            "WHERE user_id = %s AND key = %s",
         (user, key)).fetchone()
     stored_hash, status, body = row
     if stored_hash != fingerprint:

@@ -10,12 +10,7 @@ holdings list and the portfolio summary use, so the summary always equals
 the sum of the holdings it shows. Unrealised gain is current value minus
 cost basis (what was paid for the quantity still held, average-cost method).
 
-NOTE: PostgreSQL computes values exactly (NUMERIC). SQLite, the embedded
-development backend, has no decimal type: it multiplies as 64-bit floats and
-rounds the product to 6 places before applying the tie rule, which is exact
-for everyday sizes but may differ by one minor unit from PostgreSQL for
-products with more than 6 significant decimal places in the minor unit, or
-values beyond about 10^9 minor units. PostgreSQL is the production backend.
+Values are computed by PostgreSQL exactly (NUMERIC), never through floats.
 """
 
 import re
@@ -25,15 +20,14 @@ from datetime import datetime
 from decimal import Decimal
 
 from . import audit, errors, ledger
-from .db import db, is_postgres
+from .db import db
 from .ids import parse_id
 from .ledger import QUANTITY_PLACES
 from .models import INVESTMENT_TYPES, InstrumentPrice, Investment
-from .money import CURRENCIES, format_amount, get_currency
+from .money import format_amount, get_currency
+from .text import clean_text
 
 SIDES = ("buy", "sell")
-#: Quantities and prices: up to 16 digits before the point and QUANTITY_PLACES after.
-_DECIMAL = re.compile(rf"[0-9]{{1,16}}(\.[0-9]{{1,{QUANTITY_PLACES}}})?")
 _SYMBOL = re.compile(r"[A-Z0-9][A-Z0-9.\-]{0,11}")
 _PLACES = Decimal(10) ** -QUANTITY_PLACES
 
@@ -48,22 +42,6 @@ DEFAULT_PRICES = (
 
 # --------------------------------------------------------------------------
 # Input
-
-def parse_decimal(value, field):
-    """A positive decimal string with at most 8 places and 16 whole digits -> Decimal.
-
-    Floats (and JSON numbers, which may have been floats on the way) are
-    refused: a quantity must arrive exactly as the user typed it.
-    """
-    if not isinstance(value, str) or not _DECIMAL.fullmatch(value.strip()):
-        raise errors.ValidationError(
-            f"{field} must be a decimal string such as \"1.5\" with at most "
-            f"{QUANTITY_PLACES} decimal places", field=field)
-    dec = Decimal(value.strip())
-    if dec <= 0:
-        raise errors.ValidationError(f"{field} must be greater than zero", field=field)
-    return dec
-
 
 def normalise_symbol(value):
     """Upper-case ``value`` and check it is a ticker: 1 to 12 of A-Z, 0-9, '.', '-'."""
@@ -82,14 +60,6 @@ def list_prices():
     return list(InstrumentPrice.select().order_by(InstrumentPrice.symbol))
 
 
-def get_price(symbol):
-    """The price-list row for ``symbol``; NotFound if it is not listed."""
-    row = InstrumentPrice.get_or_none(InstrumentPrice.symbol == normalise_symbol(symbol))
-    if row is None:
-        raise errors.NotFound("symbol is not on the price list", field="symbol")
-    return row
-
-
 def set_price(symbol, price, *, name=None, type=None, currency=None, actor_id=None,
               request_id=None):
     """Create or update ``symbol``'s price (a Decimal or decimal string); audited.
@@ -99,17 +69,14 @@ def set_price(symbol, price, *, name=None, type=None, currency=None, actor_id=No
     Every holding of the symbol is revalued in the same transaction.
     """
     symbol = normalise_symbol(symbol)
-    if not isinstance(price, Decimal):
-        price = parse_decimal(price, "price")
+    price = ledger.parse_quantity(price, "price")
     if type is not None and type not in INVESTMENT_TYPES:
         raise errors.ValidationError(f"type must be one of {', '.join(INVESTMENT_TYPES)}",
                                      field="type")
     if currency is not None:
         get_currency(currency)
     if name is not None:
-        name = name.strip()
-        if not 1 <= len(name) <= 200:
-            raise errors.ValidationError("name must be 1 to 200 characters", field="name")
+        name = clean_text(name, "name", max_length=200, required=True)
     with db.atomic():
         existing = InstrumentPrice.get_or_none(InstrumentPrice.symbol == symbol)
         before = None if existing is None else price_state(existing)
@@ -155,29 +122,9 @@ def load_default_prices():
 
 def _value_sql(alias="i"):
     """SQL for a holding's current value in minor units, rounded half-to-even."""
-    if is_postgres():
-        # Functions from migration 003: the same rule as the trades' cash legs.
-        return (f"hoardrun_minor_half_even({alias}.quantity * {alias}.current_price, "
-                f"hoardrun_currency_exponent({alias}.currency))")
-    factor = "CASE {} ELSE 100 END".format(" ".join(
-        f"WHEN {alias}.currency IN ({', '.join(repr(c.code) for c in group)}) THEN {10 ** e}"
-        for e, group in _currencies_by_exponent() if e != 2))
-    # Rounded to 6 places first: the float product of two exact decimals
-    # lands a hair off a true half (1 × 1.015 × 100 = 101.49999999999999),
-    # which would defeat the tie rule; 6 places clear that noise for values
-    # up to about 10^9 minor units.
-    scaled = f"ROUND(CAST({alias}.quantity AS REAL) * {alias}.current_price * {factor}, 6)"
-    # Values are never negative, so CAST(... AS INTEGER) is floor.
-    whole = f"CAST({scaled} AS INTEGER)"
-    return (f"(CASE WHEN {scaled} - {whole} = 0.5 THEN {whole} + ({whole} % 2) "
-            f"ELSE CAST(ROUND({scaled}) AS INTEGER) END)")
-
-
-def _currencies_by_exponent():
-    groups = {}
-    for cur in CURRENCIES.values():
-        groups.setdefault(cur.exponent, []).append(cur)
-    return sorted(groups.items())
+    # Functions from migration 003: the same rule as the trades' cash legs.
+    return (f"hoardrun_minor_half_even({alias}.quantity * {alias}.current_price, "
+            f"hoardrun_currency_exponent({alias}.currency))")
 
 
 _HOLDING_COLUMNS = ("id", "account_id", "symbol", "name", "type", "currency", "quantity",
@@ -214,10 +161,9 @@ class Holding:
 
 
 def _holdings(where, params):
-    param = "%s" if is_postgres() else "?"
     columns = ", ".join(f"i.{c}" for c in _HOLDING_COLUMNS)
     sql = (f"SELECT {columns}, {_value_sql()} AS current_value FROM investments i "
-           f"WHERE i.user_id = {param} AND i.quantity > 0 {where} "
+           f"WHERE i.user_id = %s AND i.quantity > 0 {where} "
            "ORDER BY i.symbol, i.account_id")
     rows = db.execute_sql(sql, params).fetchall()
     return [_holding(row) for row in rows]
@@ -241,8 +187,7 @@ def list_holdings(user_id):
 
 def get_holding(user_id, holding_id):
     """One of ``user_id``'s holdings; NotFound for an unknown or someone else's holding."""
-    param = "%s" if is_postgres() else "?"
-    found = _holdings(f"AND i.id = {param}",
+    found = _holdings("AND i.id = %s",
                       (_db_uuid(user_id), _db_uuid(holding_id, "holding")))
     if not found:
         raise errors.NotFound("holding not found")
@@ -270,16 +215,15 @@ def portfolio_summary(user_id):
     Aggregated by the database in one statement (GROUP BY currency), with
     the same valuation expression as the holdings list.
     """
-    param = "%s" if is_postgres() else "?"
     sql = (
         "SELECT currency, SUM(holdings), SUM(cost_basis), SUM(current_value), SUM(cash) "
         "FROM ("
-        f"  SELECT i.currency AS currency, 1 AS holdings, i.cost_basis AS cost_basis, "
+        "  SELECT i.currency AS currency, 1 AS holdings, i.cost_basis AS cost_basis, "
         f"         {_value_sql()} AS current_value, 0 AS cash "
-        f"    FROM investments i WHERE i.user_id = {param} AND i.quantity > 0 "
+        "    FROM investments i WHERE i.user_id = %s AND i.quantity > 0 "
         "  UNION ALL "
         "  SELECT a.currency, 0, 0, 0, a.balance "
-        f"    FROM accounts a WHERE a.user_id = {param} AND a.type = 'investment' "
+        "    FROM accounts a WHERE a.user_id = %s AND a.type = 'investment' "
         "     AND a.status <> 'closed'"
         ") parts GROUP BY currency ORDER BY currency")
     user = _db_uuid(user_id)
@@ -324,8 +268,7 @@ def place_order(user_id, account_id, symbol, side, quantity, *, request_id=None)
     if side not in SIDES:
         raise errors.ValidationError("side must be buy or sell", field="side")
     symbol = normalise_symbol(symbol)
-    if not isinstance(quantity, Decimal):
-        quantity = parse_decimal(quantity, "quantity")
+    quantity = ledger.parse_quantity(quantity, "quantity")
     user_id = _as_uuid(user_id)
     with db.atomic():
         trade = (ledger.buy if side == "buy" else ledger.sell)(user_id, account_id, symbol,
@@ -367,6 +310,5 @@ def _as_uuid(value, field=None):
 
 
 def _db_uuid(value, field=None):
-    """A UUID as the raw-SQL parameter each backend stores (PostgreSQL uuid, SQLite hex)."""
-    ident = _as_uuid(value, field)
-    return str(ident) if is_postgres() else ident.hex
+    """A UUID as a raw-SQL parameter."""
+    return str(_as_uuid(value, field))

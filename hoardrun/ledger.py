@@ -6,28 +6,30 @@ credited an inbound one, each with the balance it left behind. Deposits and
 withdrawals post against the currency's settlement account, so every
 currency sums to zero over all accounts.
 
-PostgreSQL: one call to a reviewed PL/pgSQL function (migration 002) that
-locks both accounts FOR UPDATE in id order, checks the rules under the lock
-and writes everything: one round trip, one implicit transaction.
-SQLite: the same rules in Python under BEGIN IMMEDIATE (the write lock up
-front). The same tests run against both.
+The rules are written once, as reviewed PL/pgSQL functions installed by
+the migrations (002, 003, …): each movement is one call that locks the
+accounts FOR UPDATE in id order, checks the rules under the lock and writes
+everything: one round trip, one implicit transaction. This module validates
+the arguments, calls the function and turns its SQLSTATEs into domain errors.
 """
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 
 import peewee as pw
 
 from . import errors
-from .db import db, driver_error, is_postgres, to_utc
+from .db import db, driver_error, to_utc
 from .ids import parse_id
 from .models import CARD_CHANNELS, INVESTMENT_TYPES, InstrumentPrice, Investment
-from .money import MAX_MINOR_UNITS, get_currency, round_to_minor
+from .money import MAX_MINOR_UNITS, get_currency
 
 #: Investment quantities carry at most this many decimal places (NUMERIC(24, 8)).
 QUANTITY_PLACES = 8
+_QUANTITY = re.compile(rf"[0-9]{{1,16}}(\.[0-9]{{1,{QUANTITY_PLACES}}})?")
 
 # SQLSTATEs raised by the ledger functions, mapped to the domain errors.
 _PG_ERRORS = {
@@ -114,14 +116,14 @@ def deposit(account_id, amount, *, user_id=None, currency=None, description=None
     when given, must be the account's.
     """
     _check_amount(amount)
-    return _backend().cash(uuid.uuid4(), _opt_uuid(user_id), _uuid(account_id, "account_id"),
+    return _LEDGER.cash(uuid.uuid4(), _opt_uuid(user_id), _uuid(account_id, "account_id"),
                            amount, currency, True, description)
 
 
 def withdraw(account_id, amount, *, user_id=None, currency=None, description=None):
     """Debit ``account_id`` by ``amount`` to the outside world (overdraft rule applies)."""
     _check_amount(amount)
-    return _backend().cash(uuid.uuid4(), _opt_uuid(user_id), _uuid(account_id, "account_id"),
+    return _LEDGER.cash(uuid.uuid4(), _opt_uuid(user_id), _uuid(account_id, "account_id"),
                            amount, currency, False, description)
 
 
@@ -138,7 +140,7 @@ def transfer(user_id, from_account_id, to_account_id, amount, *, currency=None,
     if from_id == to_id:
         raise errors.SameAccount("cannot transfer to the same account", field="to_account_id")
     transfer_id = uuid.uuid4()
-    return _backend().transfer(transfer_id, _uuid(user_id, "user_id"), from_id, to_id, amount,
+    return _LEDGER.transfer(transfer_id, _uuid(user_id, "user_id"), from_id, to_id, amount,
                                currency, new_reference("TRF", transfer_id), description)
 
 
@@ -151,7 +153,7 @@ def p2p_payment(sender_id, sender_account_id, recipient_account_id, amount, *, c
     """
     _check_amount(amount)
     payment_id = uuid.uuid4()
-    return _backend().p2p(payment_id, _uuid(sender_id, "sender_id"),
+    return _LEDGER.p2p(payment_id, _uuid(sender_id, "sender_id"),
                           _uuid(sender_account_id, "account_id"),
                           _uuid(recipient_account_id, "recipient"), amount, currency,
                           new_reference("P2P", payment_id), note)
@@ -164,7 +166,7 @@ def reverse(entry_id, *, description=None):
     reversed once. Frozen accounts may be reversed into or out of; closed
     ones may not.
     """
-    return _backend().reverse(_uuid(entry_id, "entry_id"), uuid.uuid4(),
+    return _LEDGER.reverse(_uuid(entry_id, "entry_id"), uuid.uuid4(),
                               description or "Reversal")
 
 
@@ -180,7 +182,7 @@ def card_payment(user_id, card_id, amount, *, merchant_name, merchant_category, 
     if channel not in CARD_CHANNELS:
         raise errors.ValidationError(f"channel must be one of {', '.join(CARD_CHANNELS)}",
                                      field="channel")
-    return _backend().card_payment(uuid.uuid4(), _uuid(user_id, "user_id"),
+    return _LEDGER.card_payment(uuid.uuid4(), _uuid(user_id, "user_id"),
                                    _uuid(card_id, "card_id"), amount, currency, merchant_name,
                                    merchant_category, channel, bool(international),
                                    description or merchant_name)
@@ -189,7 +191,7 @@ def card_payment(user_id, card_id, amount, *, merchant_name, merchant_category, 
 def card_refund(user_id, payment_entry_id, amount, *, description=None):
     """Give back up to the rest of a card payment; each refund entry points at it."""
     _check_amount(amount)
-    return _backend().card_refund(uuid.uuid4(), _uuid(user_id, "user_id"),
+    return _LEDGER.card_refund(uuid.uuid4(), _uuid(user_id, "user_id"),
                                   _uuid(payment_entry_id, "payment_id"), amount,
                                   description or "Refund")
 
@@ -206,7 +208,7 @@ def sell(user_id, account_id, symbol, quantity):
 
 def set_price(symbol, price, *, name=None, type=None, currency=None):
     """Create or update an instrument's price; holdings' current price follows."""
-    price = _check_quantity(price, "price")
+    price = parse_quantity(price, "price")
     with db.atomic():
         existing = InstrumentPrice.get_or_none(InstrumentPrice.symbol == symbol)
         if existing is None:
@@ -231,27 +233,35 @@ def set_price(symbol, price, *, name=None, type=None, currency=None):
     return InstrumentPrice.get_by_id(symbol)
 
 
-def _check_quantity(value, field):
-    if isinstance(value, (bool, float)) or not isinstance(value, (Decimal, int, str)):
-        raise errors.ValidationError(f"{field} must be a decimal string", field=field)
-    try:
-        dec = Decimal(str(value).strip())
-    except ArithmeticError:
-        raise errors.ValidationError(f"{field} must be a decimal string", field=field) from None
-    if not dec.is_finite() or dec <= 0:
-        raise errors.ValidationError(f"{field} must be greater than zero", field=field)
-    if -dec.as_tuple().exponent > QUANTITY_PLACES or dec >= Decimal(10) ** 16:
+def parse_quantity(value, field):
+    """A positive quantity or price -> Decimal: the one parser of both.
+
+    A decimal string as the user typed it (no sign, no exponent, no spaces),
+    at most 16 digits before the point and ``QUANTITY_PLACES`` after, or a
+    Decimal or int that would be written so. Floats, and JSON numbers that may
+    have been floats on the way, are refused: a quantity must arrive exact.
+    """
+    if isinstance(value, Decimal):
+        text = format(value, "f") if value.is_finite() else ""
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        text = value if isinstance(value, str) else ""
+    if not _QUANTITY.fullmatch(text):
         raise errors.ValidationError(
-            f"{field} allows at most {QUANTITY_PLACES} decimal places and 16 digits before them",
-            field=field)
-    return dec
+            f"{field} must be a decimal string such as \"1.5\" with at most "
+            f"{QUANTITY_PLACES} decimal places and 16 digits before them", field=field)
+    quantity = Decimal(text)
+    if quantity <= 0:
+        raise errors.ValidationError(f"{field} must be greater than zero", field=field)
+    return quantity
 
 
 def _trade(user_id, account_id, symbol, quantity, is_buy):
-    quantity = _check_quantity(quantity, "quantity")
+    quantity = parse_quantity(quantity, "quantity")
     if not isinstance(symbol, str) or not 1 <= len(symbol) <= 12:
         raise errors.ValidationError("symbol must be 1 to 12 characters", field="symbol")
-    return _backend().trade(uuid.uuid4(), _uuid(user_id, "user_id"),
+    return _LEDGER.trade(uuid.uuid4(), _uuid(user_id, "user_id"),
                             _uuid(account_id, "account_id"), symbol.upper(), quantity, is_buy)
 
 
@@ -300,19 +310,15 @@ def verify():
 
 def settlement_account_id(currency):
     """The id of ``currency``'s settlement account, creating it on first use."""
-    return _backend().settlement_account(currency)
+    return _LEDGER.settlement_account(currency)
 
 
 def _opt_uuid(value):
     return None if value is None else _uuid(value, "user_id")
 
 
-def _backend():
-    return _POSTGRES if is_postgres() else _SQLITE
-
-
 # --------------------------------------------------------------------------
-# PostgreSQL: one function call per movement
+# The ledger functions: one call per movement
 # --------------------------------------------------------------------------
 
 def _hex(value):
@@ -407,312 +413,4 @@ def _posting(row):
     )
 
 
-# --------------------------------------------------------------------------
-# SQLite: the same rules in Python, under BEGIN IMMEDIATE
-# --------------------------------------------------------------------------
-
-_ACCOUNT_COLUMNS = "id, user_id, type, status, currency, balance, overdraft_limit"
-_BIGINT_MAX = 2 ** 63 - 1
-
-
-@dataclass
-class _Row:
-    id: str
-    user_id: str
-    type: str
-    status: str
-    currency: str
-    balance: int
-    overdraft_limit: int
-
-
-class _SqliteLedger:
-    def _account(self, account_id):
-        row = db.execute_sql(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?",
-                             (account_id.hex,)).fetchone()
-        return _Row(*row) if row else None
-
-    def _lock_pair(self, debit_id, credit_id, amount, currency, allow_frozen=False):
-        # BEGIN IMMEDIATE already holds the database's write lock: no row
-        # locks exist in SQLite, and none are needed.
-        if debit_id == credit_id:
-            raise errors.SameAccount("source and destination are the same account")
-        debit, credit = self._account(debit_id), self._account(credit_id)
-        if debit is None or credit is None:
-            raise errors.NotFound("account not found")
-        for acc in (debit, credit):
-            if acc.status != "active" and not (allow_frozen and acc.status == "suspended"):
-                raise errors.AccountNotActive(f"account {uuid.UUID(acc.id)} is {acc.status}")
-        if debit.currency != credit.currency or (currency is not None
-                                                 and currency != debit.currency):
-            shown = f" / requested {currency}" if currency else ""
-            raise errors.CurrencyMismatch(
-                f"currency mismatch: {debit.currency} / {credit.currency}{shown}")
-        if debit.type != "settlement" and debit.balance - amount < -debit.overdraft_limit:
-            raise errors.InsufficientFunds("insufficient funds")
-        return debit, credit
-
-    def _apply_pair(self, movement_id, debit, credit, amount, debit_type, credit_type,
-                    description, transfer_id=None, p2p_id=None, reverses=(None, None),
-                    card_id=None, merchant=(None, None), refund_of=None, now=None):
-        now = now or datetime.now(timezone.utc)
-        stamp = _text(now)
-        debit_balance = debit.balance - amount
-        credit_balance = credit.balance + amount
-        db.execute_sql("UPDATE accounts SET balance = ?, updated_at = ? WHERE id = ?",
-                       (debit_balance, stamp, debit.id))
-        db.execute_sql("UPDATE accounts SET balance = ?, updated_at = ? WHERE id = ?",
-                       (credit_balance, stamp, credit.id))
-        debit_entry, credit_entry = uuid.uuid4(), uuid.uuid4()
-        for entry, acc, kind, direction, balance, reverses_id, refund in (
-                (debit_entry, debit, debit_type, "outbound", debit_balance, reverses[0], None),
-                (credit_entry, credit, credit_type, "inbound", credit_balance, reverses[1],
-                 refund_of)):
-            db.execute_sql(
-                "INSERT INTO transactions (id, account_id, movement_id, type, direction, amount, "
-                "currency, balance_after, description, merchant_name, merchant_category, "
-                "card_id, transfer_id, p2p_id, reverses_id, reference, status, created_at, "
-                "refund_of_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
-                (entry.hex, acc.id, movement_id.hex, kind, direction, amount, acc.currency,
-                 balance, description, merchant[0], merchant[1], _hex(card_id),
-                 _hex(transfer_id), _hex(p2p_id), reverses_id, "E" + entry.hex, stamp,
-                 _hex(refund)))
-        return Posting(movement_id, debit.currency, amount,
-                       Leg(uuid.UUID(debit.id), debit_entry, debit_balance),
-                       Leg(uuid.UUID(credit.id), credit_entry, credit_balance), now)
-
-    def settlement_account(self, currency):
-        row = db.execute_sql("SELECT id FROM accounts WHERE type = 'settlement' AND currency = ?",
-                             (currency,)).fetchone()
-        if row:
-            return uuid.UUID(row[0])
-        new_id = uuid.uuid4()
-        number = "99" + "".join(str(ord(ch)) for ch in currency)
-        db.execute_sql(
-            "INSERT INTO accounts (id, user_id, account_number, name, type, status, currency) "
-            "VALUES (?, NULL, ?, ?, 'settlement', 'active', ?) ON CONFLICT DO NOTHING",
-            (new_id.hex, number, f"Settlement {currency}", currency))
-        return self.settlement_account(currency)
-
-    def cash(self, movement_id, user_id, account_id, amount, currency, inbound, description):
-        with db.atomic():
-            acc = self._account(account_id)
-            if acc is None or acc.type == "settlement" or (
-                    user_id is not None and acc.user_id != user_id.hex):
-                raise errors.NotFound("account not found")
-            settlement = self.settlement_account(acc.currency)
-            if inbound:
-                debit, credit = self._lock_pair(settlement, account_id, amount, currency)
-                return self._apply_pair(movement_id, debit, credit, amount, "settlement",
-                                        "deposit", description)
-            debit, credit = self._lock_pair(account_id, settlement, amount, currency)
-            return self._apply_pair(movement_id, debit, credit, amount, "withdrawal",
-                                    "settlement", description)
-
-    def transfer(self, transfer_id, user_id, from_id, to_id, amount, currency, reference,
-                 description):
-        with db.atomic():
-            debit, credit = self._lock_pair(from_id, to_id, amount, currency)
-            if debit.user_id != user_id.hex or credit.user_id != user_id.hex:
-                raise errors.NotFound("account not found")
-            now = datetime.now(timezone.utc)
-            db.execute_sql(
-                "INSERT INTO transfers (id, user_id, from_account_id, to_account_id, amount, "
-                "currency, reference, description, status, created_at, completed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
-                (transfer_id.hex, user_id.hex, from_id.hex, to_id.hex, amount, debit.currency,
-                 reference, description, _text(now), _text(now)))
-            return self._apply_pair(transfer_id, debit, credit, amount, "transfer_out",
-                                    "transfer_in", description, transfer_id=transfer_id, now=now)
-
-    def p2p(self, payment_id, sender_id, sender_account, recipient_account, amount, currency,
-            reference, note):
-        with db.atomic():
-            debit, credit = self._lock_pair(sender_account, recipient_account, amount, currency)
-            if debit.user_id != sender_id.hex or credit.user_id is None:
-                raise errors.NotFound("account not found")
-            if credit.user_id == sender_id.hex:
-                raise errors.SameAccount("cannot pay yourself")
-            now = datetime.now(timezone.utc)
-            db.execute_sql(
-                "INSERT INTO p2p_transactions (id, sender_id, recipient_id, sender_account_id, "
-                "recipient_account_id, amount, currency, note, reference, status, created_at, "
-                "completed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'completed', ?, ?)",
-                (payment_id.hex, sender_id.hex, credit.user_id, sender_account.hex,
-                 recipient_account.hex, amount, debit.currency, note, reference,
-                 _text(now), _text(now)))
-            return self._apply_pair(payment_id, debit, credit, amount, "p2p_out", "p2p_in", note,
-                                    p2p_id=payment_id, now=now)
-
-    def reverse(self, entry_id, movement_id, description):
-        with db.atomic():
-            cols = ("id, account_id, movement_id, type, direction, amount, currency, transfer_id, "
-                    "p2p_id, card_id")
-            entry = db.execute_sql(f"SELECT {cols} FROM transactions WHERE id = ?",
-                                   (entry_id.hex,)).fetchone()
-            if entry is None:
-                raise errors.NotFound("entry not found")
-            e_id, e_account, e_movement, e_type, e_direction, amount, currency, tr, p2p, card = entry
-            if e_type == "reversal":
-                raise errors.ReversalNotAllowed("a reversal cannot be reversed")
-            siblings = db.execute_sql(
-                "SELECT id, account_id, direction FROM transactions WHERE movement_id = ?",
-                (e_movement,)).fetchall()
-            others = [s for s in siblings if s[0] != e_id and s[2] != e_direction]
-            if len(siblings) != 2 or len(others) != 1:
-                raise errors.ReversalNotAllowed("only a two-entry movement can be reversed")
-            o_id, o_account, _ = others[0]
-            if db.execute_sql("SELECT 1 FROM transactions WHERE reverses_id IN (?, ?)",
-                              (e_id, o_id)).fetchone():
-                raise errors.ReversalNotAllowed("already reversed")
-            if e_direction == "inbound":
-                debit_id, credit_id, reverses = e_account, o_account, (e_id, o_id)
-            else:
-                debit_id, credit_id, reverses = o_account, e_account, (o_id, e_id)
-            debit, credit = self._lock_pair(uuid.UUID(debit_id), uuid.UUID(credit_id), amount,
-                                            currency, allow_frozen=True)
-            return self._apply_pair(movement_id, debit, credit, amount, "reversal", "reversal",
-                                    description, transfer_id=_opt(tr), p2p_id=_opt(p2p),
-                                    reverses=reverses, card_id=_opt(card))
-
-    def card_payment(self, movement_id, user_id, card_id, amount, currency, merchant_name,
-                     merchant_category, channel, international, description):
-        with db.atomic():
-            card = db.execute_sql(
-                "SELECT user_id, account_id, status, expiry_year, expiry_month, online_enabled, "
-                "contactless_enabled, international_enabled, daily_limit, monthly_limit "
-                "FROM cards WHERE id = ?", (card_id.hex,)).fetchone()
-            if card is None or card[0] != user_id.hex:
-                raise errors.NotFound("card not found")
-            (_, account_hex, status, exp_year, exp_month, online, contactless, abroad,
-             daily_limit, monthly_limit) = card
-            if status != "active":
-                raise errors.CardNotActive(f"card is {status}")
-            now = datetime.now(timezone.utc)
-            if (now.year, now.month) > (exp_year, exp_month):
-                raise errors.CardExpired("card expired")
-            if international and not abroad:
-                raise errors.ChannelDisabled("international payments are disabled on this card")
-            if (channel == "online" and not online) or (channel == "contactless"
-                                                         and not contactless):
-                raise errors.ChannelDisabled(f"{channel} payments are disabled on this card")
-            day_start = now.strftime("%Y-%m-%d 00:00:00")
-            month_start = now.strftime("%Y-%m-01 00:00:00")
-            spent_day, spent_month = db.execute_sql(
-                "SELECT COALESCE(SUM(CASE WHEN created_at >= ? THEN "
-                "CASE direction WHEN 'outbound' THEN amount ELSE -amount END END), 0), "
-                "COALESCE(SUM(CASE direction WHEN 'outbound' THEN amount ELSE -amount END), 0) "
-                "FROM transactions WHERE card_id = ? AND account_id = ? AND created_at >= ?",
-                (day_start, card_id.hex, account_hex, month_start)).fetchone()
-            if spent_day + amount > daily_limit:
-                raise errors.DailyLimitExceeded("daily limit exceeded")
-            if spent_month + amount > monthly_limit:
-                raise errors.MonthlyLimitExceeded("monthly limit exceeded")
-            account_id = uuid.UUID(account_hex)
-            settlement = self.settlement_account(self._account(account_id).currency)
-            debit, credit = self._lock_pair(account_id, settlement, amount, currency)
-            return self._apply_pair(movement_id, debit, credit, amount, "payment", "settlement",
-                                    description, card_id=card_id,
-                                    merchant=(merchant_name, merchant_category))
-
-    def card_refund(self, movement_id, user_id, payment_id, amount, description):
-        with db.atomic():
-            payment = db.execute_sql(
-                "SELECT t.account_id, t.amount, t.currency, t.card_id, t.merchant_name, "
-                "t.merchant_category, c.user_id FROM transactions t "
-                "JOIN cards c ON c.id = t.card_id WHERE t.id = ? AND t.type = 'payment'",
-                (payment_id.hex,)).fetchone()
-            if payment is None or payment[6] != user_id.hex:
-                raise errors.NotFound("payment not found")
-            account_hex, paid, currency, card_hex, m_name, m_category, _ = payment
-            refunded = db.execute_sql(
-                "SELECT COALESCE(SUM(amount), 0) FROM transactions "
-                "WHERE refund_of_id = ? AND type = 'refund'", (payment_id.hex,)).fetchone()[0]
-            if refunded + amount > paid:
-                raise errors.RefundExceedsPayment(
-                    f"refunds would exceed the payment ({paid - refunded} minor units left "
-                    "to refund)")
-            settlement = self.settlement_account(currency)
-            debit, credit = self._lock_pair(settlement, uuid.UUID(account_hex), amount, currency,
-                                            allow_frozen=True)
-            return self._apply_pair(movement_id, debit, credit, amount, "settlement", "refund",
-                                    description, card_id=uuid.UUID(card_hex),
-                                    merchant=(m_name, m_category), refund_of=payment_id)
-
-    def trade(self, movement_id, user_id, account_id, symbol, quantity, is_buy):
-        with db.atomic():
-            acc = self._account(account_id)
-            if acc is None or acc.user_id != user_id.hex:
-                raise errors.NotFound("account not found")
-            if acc.type != "investment":
-                raise errors.NotInvestmentAccount("not an investment account")
-            price_row = db.execute_sql(
-                "SELECT name, type, currency, price FROM instrument_prices WHERE symbol = ?",
-                (symbol,)).fetchone()
-            if price_row is None:
-                raise errors.NotFound(f"unknown symbol {symbol}")
-            name, kind, price_currency, price = price_row
-            price = Decimal(str(price))
-            if price_currency != acc.currency:
-                raise errors.CurrencyMismatch(
-                    f"currency mismatch: {symbol} trades in {price_currency}")
-            cash = round_to_minor(quantity * price, acc.currency)
-            if cash > _BIGINT_MAX:
-                # What PostgreSQL's cast of the cash leg refuses (22003), refused alike.
-                raise errors.AmountError("the amount is too large")
-            if cash <= 0:
-                raise errors.OrderTooSmall("order is worth less than one minor unit")
-            settlement = self.settlement_account(acc.currency)
-            holding = db.execute_sql(
-                "SELECT id, quantity, cost_basis FROM investments "
-                "WHERE account_id = ? AND symbol = ?", (account_id.hex, symbol)).fetchone()
-            stamp = _text(datetime.now(timezone.utc))
-            if is_buy:
-                debit, credit = self._lock_pair(account_id, settlement, cash, acc.currency)
-                posting = self._apply_pair(movement_id, debit, credit, cash, "investment_buy",
-                                           "settlement", f"Buy {quantity} {symbol}")
-                if holding is None:
-                    holding_id, held, basis = uuid.uuid4(), quantity, cash
-                    db.execute_sql(
-                        "INSERT INTO investments (id, user_id, account_id, symbol, name, type, "
-                        "quantity, cost_basis, current_price, currency, purchase_date, "
-                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (holding_id.hex, user_id.hex, account_id.hex, symbol, name, kind,
-                         str(held), basis, str(price), acc.currency, stamp, stamp, stamp))
-                else:
-                    holding_id = uuid.UUID(holding[0])
-                    held = Decimal(str(holding[1])) + quantity
-                    basis = holding[2] + cash
-            else:
-                held_now = Decimal(str(holding[1])) if holding else Decimal(0)
-                if holding is None or held_now < quantity:
-                    raise errors.InsufficientHolding(
-                        f"holding {held_now} {symbol}, cannot sell {quantity}")
-                debit, credit = self._lock_pair(settlement, account_id, cash, acc.currency)
-                posting = self._apply_pair(movement_id, debit, credit, cash, "settlement",
-                                           "investment_sell", f"Sell {quantity} {symbol}")
-                holding_id, held = uuid.UUID(holding[0]), held_now - quantity
-                basis_out = holding[2] if held == 0 else int(
-                    (Decimal(holding[2]) * quantity / held_now)
-                    .to_integral_value(rounding=ROUND_HALF_EVEN))
-                basis = holding[2] - basis_out
-            if holding is not None:
-                db.execute_sql(
-                    "UPDATE investments SET quantity = ?, cost_basis = ?, current_price = ?, "
-                    "updated_at = ? WHERE id = ?",
-                    (str(held), basis, str(price), stamp, holding_id.hex))
-            return Trade(posting, holding_id, symbol, quantity, price, cash, held, basis)
-
-
-def _opt(hex_or_none):
-    return None if hex_or_none is None else uuid.UUID(hex_or_none)
-
-
-def _text(moment):
-    """SQLite's one timestamp shape (see hoardrun.db.UTCDateTimeField)."""
-    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-_POSTGRES = _PostgresLedger()
-_SQLITE = _SqliteLedger()
+_LEDGER = _PostgresLedger()

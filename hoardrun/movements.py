@@ -19,6 +19,7 @@ from . import audit, errors, history, ledger
 from .db import db
 from .ids import parse_id
 from .money import parse_amount
+from .text import clean_text
 
 DESCRIPTION_MAX = 500
 
@@ -29,25 +30,14 @@ def _transaction():
     return contextlib.nullcontext() if db.in_transaction() else db.atomic()
 
 
-def _sql(statement):
-    return statement if db.obj.param == "?" else statement.replace("?", "%s")
-
 
 def _id(value, field):
     return parse_id(value, "account", field=field)
 
 
 def _text(value, field):
-    """Optional free text: trimmed, empty means none, at most 500 characters."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise errors.ValidationError(f"{field} must be text", field=field)
-    value = value.strip()
-    if len(value) > DESCRIPTION_MAX:
-        raise errors.ValidationError(f"{field} must be at most {DESCRIPTION_MAX} characters",
-                                     field=field)
-    return value or None
+    """Optional free text another person reads: printable, at most 500 characters."""
+    return clean_text(value, field, max_length=DESCRIPTION_MAX)
 
 
 # (user id, account id) -> currency. An account's currency never changes, so
@@ -68,8 +58,8 @@ def _account_currency(user_id, account_id, field):
     if known is not None:
         return known
     row = db.execute_sql(
-        _sql("SELECT currency FROM accounts WHERE id = ? AND user_id = ? "
-             "AND type <> 'settlement'"),
+        "SELECT currency FROM accounts WHERE id = %s AND user_id = %s "
+            "AND type <> 'settlement'",
         (account_id.hex, user_id.hex)).fetchone()
     if row is None:
         raise errors.NotFound("account not found", field=field)
@@ -148,17 +138,17 @@ def find_recipient(sender_id, *, email=None, user_id=None):
     if email is not None:
         if not isinstance(email, str):
             raise errors.ValidationError("email must be text", field="recipient_email")
-        condition, value = "u.email = ?", email.strip().lower()
+        condition, value = "u.email = %s", email.strip().lower()
     else:
         try:
             value = _id(user_id, "recipient_user_id").hex
         except errors.NotFound:
             raise errors.NotFound("recipient not found", field="recipient") from None
-        condition = "u.id = ?"
+        condition = "u.id = %s"
     row = db.execute_sql(
-        _sql("SELECT u.id, u.first_name, u.last_name, a.id FROM users u "
-             "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = ? "
-             f"WHERE {condition} AND u.status = 'active'"),
+        "SELECT u.id, u.first_name, u.last_name, a.id FROM users u "
+            "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
+            f"WHERE {condition} AND u.status = 'active'",
         (True, value)).fetchone()
     if row is None:
         raise errors.NotFound("recipient not found", field="recipient")
@@ -172,7 +162,7 @@ def find_recipient(sender_id, *, email=None, user_id=None):
 
 def _primary_account(user_id):
     row = db.execute_sql(
-        _sql("SELECT id FROM accounts WHERE user_id = ? AND is_primary = ?"),
+        "SELECT id FROM accounts WHERE user_id = %s AND is_primary = %s",
         (user_id.hex, True)).fetchone()
     if row is None:
         raise errors.NotFound("you have no primary account; give from_account_id",

@@ -15,6 +15,7 @@ from .db import db
 from .models import USER_ROLES, USER_STATUSES, User
 from .cursors import page_query
 from .security import check_password_policy, hash_password
+from .text import clean_text
 
 NAME_MAX = 100
 EMAIL_MAX = 254
@@ -63,15 +64,7 @@ def clean_email(value, field="email"):
 
 def clean_name(value, field):
     """Return ``value`` trimmed if it is 1-100 printable characters."""
-    if not isinstance(value, str):
-        raise errors.ValidationError(f"{field} must be a string", field=field)
-    name = value.strip()
-    if not 1 <= len(name) <= NAME_MAX:
-        raise errors.ValidationError(f"{field} must be 1 to {NAME_MAX} characters", field=field)
-    if not name.isprintable():
-        raise errors.ValidationError(f"{field} must not contain control characters",
-                                     field=field)
-    return name
+    return clean_text(value, field, max_length=NAME_MAX, required=True)
 
 
 def clean_phone(value, field="phone"):

@@ -3,7 +3,7 @@
 Frozen copy of the models as they were when this migration was written:
 never import ``hoardrun`` here. CHECK constraints and partial indexes live in
 the frozen models' ``Meta`` so they are part of each CREATE TABLE; the
-append-only triggers are dialect-specific SQL, mirrored in ``rollback``.
+append-only triggers are PL/pgSQL, mirrored in ``rollback``.
 """
 
 import uuid
@@ -399,37 +399,20 @@ $$
 """
 
 
-def _is_postgres(database):
-    if isinstance(database, pw.DatabaseProxy):
-        database = database.obj
-    return isinstance(database, pw.PostgresqlDatabase)
-
-
 def migrate(migrator, database, *, fake=False):
     """Create every table, then the triggers that make the ledger immutable."""
     for model in MODELS:
         migrator.create_model(model)
-    if _is_postgres(database):
-        migrator.sql(PG_REFUSE_FUNCTION)
-        for table in APPEND_ONLY_TABLES:
-            migrator.sql(f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                         "FOR EACH ROW EXECUTE FUNCTION hoardrun_refuse_change()")
-    else:
-        for table in APPEND_ONLY_TABLES:
-            for op in ("UPDATE", "DELETE"):
-                migrator.sql(f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                             f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {op} refused'); END")
+    migrator.sql(PG_REFUSE_FUNCTION)
+    for table in APPEND_ONLY_TABLES:
+        migrator.sql(f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+                     "FOR EACH ROW EXECUTE FUNCTION hoardrun_refuse_change()")
 
 
 def rollback(migrator, database, *, fake=False):
     """Drop the triggers, then every table in reverse dependency order."""
-    if _is_postgres(database):
-        for table in APPEND_ONLY_TABLES:
-            migrator.sql(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
-        migrator.sql("DROP FUNCTION IF EXISTS hoardrun_refuse_change()")
-    else:
-        for table in APPEND_ONLY_TABLES:
-            for op in ("update", "delete"):
-                migrator.sql(f"DROP TRIGGER IF EXISTS {table}_no_{op}")
+    for table in APPEND_ONLY_TABLES:
+        migrator.sql(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
+    migrator.sql("DROP FUNCTION IF EXISTS hoardrun_refuse_change()")
     for model in reversed(MODELS):
         migrator.remove_model(model)

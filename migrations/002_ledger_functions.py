@@ -4,8 +4,8 @@ Each public function is one round trip from the app and one implicit
 transaction (peewee runs psycopg2 in autocommit, so a single SELECT is
 atomic). The accounts involved are locked FOR UPDATE in id order, so two
 movements over the same pair can never deadlock, and the overdraft rule is
-checked under that lock. SQLite has no PL/pgSQL: hoardrun/ledger.py carries
-the same rules in Python under BEGIN IMMEDIATE, and the same tests run on both.
+checked under that lock. These functions are the only copy of the rules:
+hoardrun/ledger.py validates arguments, calls them and maps their errors.
 
 Errors use our own SQLSTATEs so the app can map them to domain errors:
 HR001 insufficient funds, HR002 account not active, HR003 currency mismatch,
@@ -19,7 +19,6 @@ NOTE: peewee hands this SQL to psycopg2 with an empty parameter tuple, so a
 literal percent sign must be written '%%' (as in %%ROWTYPE).
 """
 
-import peewee as pw
 
 POSTING_TYPE = """
 CREATE TYPE hoardrun_posting AS (
@@ -254,23 +253,15 @@ $$""",
 }
 
 
-def _is_postgres(database):
-    if isinstance(database, pw.DatabaseProxy):
-        database = database.obj
-    return isinstance(database, pw.PostgresqlDatabase)
-
-
 def migrate(migrator, database, *, fake=False):
-    """Install the ledger functions (PostgreSQL only)."""
-    if _is_postgres(database):
-        migrator.sql(POSTING_TYPE)
-        for ddl in FUNCTIONS.values():
-            migrator.sql(ddl)
+    """Install the ledger functions."""
+    migrator.sql(POSTING_TYPE)
+    for ddl in FUNCTIONS.values():
+        migrator.sql(ddl)
 
 
 def rollback(migrator, database, *, fake=False):
     """Drop the ledger functions, callers first."""
-    if _is_postgres(database):
-        for signature in reversed(list(FUNCTIONS)):
-            migrator.sql(f"DROP FUNCTION IF EXISTS {signature}")
-        migrator.sql("DROP TYPE IF EXISTS hoardrun_posting")
+    for signature in reversed(list(FUNCTIONS)):
+        migrator.sql(f"DROP FUNCTION IF EXISTS {signature}")
+    migrator.sql("DROP TYPE IF EXISTS hoardrun_posting")

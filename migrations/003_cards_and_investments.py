@@ -268,25 +268,17 @@ CREATE TYPE hoardrun_trade AS (
     cost_basis bigint)"""
 
 
-def _is_postgres(database):
-    if isinstance(database, pw.DatabaseProxy):
-        database = database.obj
-    return isinstance(database, pw.PostgresqlDatabase)
-
-
 def migrate(migrator, database, *, fake=False):
-    """Create the price list; on PostgreSQL install the card and trade functions."""
+    """Create the price list and install the card and trade functions."""
     migrator.create_model(InstrumentPrice)
-    if _is_postgres(database):
-        migrator.sql(TRADE_TYPE)
-        for ddl in FUNCTIONS.values():
-            migrator.sql(ddl)
+    migrator.sql(TRADE_TYPE)
+    for ddl in FUNCTIONS.values():
+        migrator.sql(ddl)
 
 
 def rollback(migrator, database, *, fake=False):
     """Drop the functions and their type, then the price list."""
-    if _is_postgres(database):
-        for signature in reversed(list(FUNCTIONS)):
-            migrator.sql(f"DROP FUNCTION IF EXISTS {signature}")
-        migrator.sql("DROP TYPE IF EXISTS hoardrun_trade")
+    for signature in reversed(list(FUNCTIONS)):
+        migrator.sql(f"DROP FUNCTION IF EXISTS {signature}")
+    migrator.sql("DROP TYPE IF EXISTS hoardrun_trade")
     migrator.remove_model(InstrumentPrice)

@@ -101,7 +101,9 @@ class Check(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     timestamp: datetime
-    checks: dict[str, Check]
+    #: check name -> status, as the original service answered ("database": "healthy")
+    checks: dict[str, Literal["healthy", "unhealthy", "up_to_date", "pending", "unknown"]]
+    details: dict[str, Check]
     failed: list[str]
 
 
@@ -194,12 +196,7 @@ class HealthReadiness:
         ready, checks, failed = self.health.readiness()
         if not ready:
             _unavailable(resp)
-        resp.media = {
-            "status": "ready" if ready else "not_ready",
-            "timestamp": self.health.now(),
-            "checks": checks,
-            "failed": failed,
-        }
+        resp.media = self.health.readiness_body(ready, checks, failed, self.health.now())
 
 
 class HealthLiveness:
