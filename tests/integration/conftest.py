@@ -1,7 +1,7 @@
 """HTTP fixtures: settings → database → app → client, and a real waitress server.
 
-``app`` is the real app for this test's (clean, migrated) database on each
-backend; ``client`` is falcon's in-process test client over it;
+``app`` is the real app for this test's (clean, migrated) database;
+``client`` is falcon's in-process test client over it;
 ``live_server`` serves ``app`` under waitress on a free loopback port.
 """
 

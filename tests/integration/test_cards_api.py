@@ -1,4 +1,4 @@
-"""Cards through the HTTP API, on SQLite and PostgreSQL: issue, manage, pay, refund."""
+"""Cards through the HTTP API: issue, manage, pay, refund."""
 
 import http.client
 import json

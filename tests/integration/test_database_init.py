@@ -1,7 +1,7 @@
 """The operator tasks, run the way an operator runs them: ``invoke`` in a new process.
 
-Each run gets a fresh environment pointing at this test's database. On
-PostgreSQL the URL carries a password (trust auth ignores it), and every run
+Each run gets a fresh environment pointing at this test's database. The
+URL carries a password (trust auth ignores it), and every run
 asserts that the password never appears in the output and that no traceback
 does either. Tasks that rebuild the schema (reset, rollback, makemigration)
 leave the shared PostgreSQL test database rebuilt by the real migrations.
@@ -11,7 +11,6 @@ import io
 import logging
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import uuid
@@ -93,14 +92,6 @@ def with_password(url):
 
 def sql(url, statement, params=()):
     """Run one statement through the raw driver; return all rows (or [])."""
-    if url.startswith("sqlite:///"):
-        conn = sqlite3.connect(dbm.sqlite_path(url))
-        try:
-            rows = conn.execute(statement, params).fetchall()
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
     conn = psycopg2.connect(url)
     conn.autocommit = True
     try:
@@ -119,7 +110,7 @@ def add_user(url, email):
     ident = uuid.uuid4()
     sql(url, "INSERT INTO users (id, email, first_name, last_name, password_hash) "
              "VALUES (?, ?, 'Keep', 'Me', 'x')",
-        (ident.hex if url.startswith("sqlite") else str(ident), email))
+        (str(ident), email))
 
 
 def drop_pg_schema(url):
@@ -138,30 +129,24 @@ def restore_schema(environ):
 
 
 @pytest.fixture
-def task_env(environ, backend, database_url):
+def task_env(environ, database_url):
     """Environment for task runs on this test's clean, migrated database."""
     env = dict(environ)
-    if backend == "postgres":
-        env["DATABASE_URL"] = with_password(database_url)
+    env["DATABASE_URL"] = with_password(database_url)
     yield env
-    if backend == "postgres":
-        restore_schema(environ)
+    restore_schema(environ)
 
 
 @pytest.fixture
-def empty_env(task_env, backend, database_url, tmp_path):
+def empty_env(task_env, database_url):
     """Environment for a database with no tables at all."""
-    env = dict(task_env)
-    if backend == "sqlite":
-        env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'empty.db'}"
-    else:
-        drop_pg_schema(database_url)
-    return env
+    drop_pg_schema(database_url)
+    return dict(task_env)
 
 
 # --------------------------------------------------------------------------- init / check
 
-def test_check_fails_until_init_migrates_an_empty_database(empty_env, backend, tmp_path):
+def test_check_fails_until_init_migrates_an_empty_database(empty_env, tmp_path):
     migrations = schema.all_migrations()
 
     before = run_task(empty_env, "db.check", cwd=tmp_path)
@@ -179,16 +164,14 @@ def test_check_fails_until_init_migrates_an_empty_database(empty_env, backend, t
     assert "status:     healthy" in after.stdout
     assert "pool:       size 20, max overflow 30" in after.stdout
     assert "pool now:" in after.stdout
-    if backend == "postgres":
-        assert "server:     PostgreSQL" in after.stdout
-        assert "postgresql://***@" in after.stdout
-        assert "sslmode=prefer" in after.stdout
-    else:
-        assert "server:     SQLite" in after.stdout
+    assert "server:     PostgreSQL" in after.stdout
+    assert "postgresql://***@" in after.stdout
+    assert "sslmode=prefer" in after.stdout
 
 
-@pytest.mark.parametrize("url", [UNREACHABLE_PG, "sqlite:///{tmp}/no-such-dir/hoardrun.db"],
-                         ids=["postgres-port-1", "sqlite-missing-dir"])
+@pytest.mark.parametrize("url", [UNREACHABLE_PG,
+                                 "postgresql://postgres@/x?host={tmp}/no-such-dir"],
+                         ids=["postgres-port-1", "socket-missing-dir"])
 def test_check_on_an_unreachable_database_is_one_line(url, tmp_path):
     env = plain_env(url.format(tmp=tmp_path))
     result = run_task(env, "db.check", cwd=tmp_path)
@@ -204,13 +187,13 @@ def test_check_on_an_unreachable_database_is_one_line(url, tmp_path):
     ("DATABASE_URL", f"mysql://root:{URL_PASSWORD}@db.example:3306/hoardrun"),
 ])
 def test_bad_setting_stops_a_task_with_one_line_naming_it(variable, value, tmp_path):
-    env = plain_env(f"sqlite:///{tmp_path / 'hoardrun.db'}", **{variable: value})
+    env = plain_env(UNREACHABLE_PG, **{variable: value})
     result = run_task(env, "db.check", cwd=tmp_path)
     assert result.code != 0
     assert len(result.error_lines) == 1, result.stderr
     assert result.error_lines[0].startswith(f"{variable}=")
     assert "not valid" in result.error_lines[0]
-    assert not (tmp_path / "hoardrun.db").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing was started or written
 
 
 @pytest.mark.parametrize("args, message", [
@@ -219,7 +202,7 @@ def test_bad_setting_stops_a_task_with_one_line_naming_it(variable, value, tmp_p
     (("test", "--database-only", "--specific", "tests/unit"), "either --database-only or"),
 ], ids=["makemigration-name", "rollback-steps", "test-flags"])
 def test_bad_arguments_are_one_line(args, message, tmp_path):
-    env = plain_env(f"sqlite:///{tmp_path / 'hoardrun.db'}")
+    env = plain_env(UNREACHABLE_PG)
     result = run_task(env, *args, cwd=tmp_path)
     assert result.code == 1
     assert len(result.error_lines) == 1 and message in result.error_lines[0], result.stderr
@@ -419,7 +402,6 @@ def test_reset_asks_on_a_terminal_and_only_yes_proceeds(in_process, task_env, da
     assert f"applied {schema.all_migrations()[-1]}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_production_refuses_reset_and_sample(task_env, database_url, tmp_path):
     env = dict(task_env, HOARDRUN_ENV="production")
     add_user(database_url, "keep@example.com")
@@ -438,7 +420,7 @@ def test_production_refuses_reset_and_sample(task_env, database_url, tmp_path):
 def test_test_task_passes_on_green_and_fails_when_nothing_ran(tmp_path):
     (tmp_path / "test_green.py").write_text("def test_green():\n    assert 1 + 1 == 2\n")
     (tmp_path / "test_empty.py").write_text("# no tests here\n")
-    env = plain_env(f"sqlite:///{tmp_path / 'hoardrun.db'}")
+    env = plain_env(UNREACHABLE_PG)
 
     green = run_task(env, "test", "--specific", str(tmp_path / "test_green.py"), cwd=tmp_path)
     assert green.code == 0, green.output

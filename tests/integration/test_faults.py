@@ -9,9 +9,6 @@ bounded socket timeout), readiness ``not_ready`` while the database is away,
 and, once it is back, success on the same app without a restart, with books
 that balance and every acknowledged transfer in them.
 
-Pool exhaustion runs on SQLite too (its pool has the same limits); the
-others are PostgreSQL only (a SQLite file has no server to stop, kill or
-time a statement out).
 """
 
 import http.client
@@ -33,7 +30,7 @@ from hoardrun.config import load_settings
 from hoardrun.models import Account, Transfer
 from tests.conftest import base_environ
 from tests.integration.conftest import LiveServer
-from tests.integration.pg_instance import PgInstance, PgUnavailable, wait_until
+from tests.integration.pg_instance import PgInstance, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +49,7 @@ OPENING_BALANCE = 1_000_000  # minor units on each of the two accounts
 @pytest.fixture(scope="module")
 def pg():
     """A PostgreSQL server of this module's own (stopped and deleted afterwards)."""
-    try:
-        instance = PgInstance()
-    except PgUnavailable as exc:
-        pytest.skip(str(exc))
-    with instance:
+    with PgInstance() as instance:
         yield instance
 
 
@@ -82,14 +75,6 @@ def pg_url(pg, pg_migrated):
     pg.sql("TRUNCATE {} CASCADE".format(", ".join(f'"{t}"' for t in tables)),
            database="hoardrun")
     return url
-
-
-@pytest.fixture
-def served_url(backend, request):
-    """This test's database: a SQLite copy, or the throwaway PostgreSQL server."""
-    if backend == "sqlite":
-        return request.getfixturevalue("database_url")
-    return request.getfixturevalue("pg_url")
 
 
 class Probe:
@@ -385,10 +370,9 @@ def test_an_outage_under_load_is_503_then_recovers_without_restarting_the_app(pg
 # More concurrent requests than the pool holds
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_an_exhausted_pool_answers_503_after_the_pool_timeout_then_recovers(served_url):
+def test_an_exhausted_pool_answers_503_after_the_pool_timeout_then_recovers(pg_url):
     env = {"DATABASE_POOL_SIZE": "2", "DATABASE_MAX_OVERFLOW": "0", "DATABASE_POOL_TIMEOUT": "1"}
-    with served(served_url, threads=6, **env) as (server, probe):
+    with served(pg_url, threads=6, **env) as (server, probe):
         person, first, second = funded_user()
         holders, held = [], []
 

@@ -13,7 +13,7 @@ What a user would notice if the ledger's locking were wrong, and what is
 asserted:
 
 * every answer is a 201 or a 4xx ``application/problem+json``, never a 5xx
-  (a deadlock, a serialization failure or a busy SQLite file would be one);
+  (a deadlock or a serialization failure would be one);
 * the books balance afterwards (``ledger.verify()`` is empty), no balance is
   below minus its overdraft limit and every currency sums to zero;
 * exactly the acknowledged movements exist: the ids of the 201s are the
@@ -44,9 +44,8 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://hoardrun.dev/problems/"
 SERVER_THREADS = 8
 CLIENTS = 8
-# Measured on a 2-core box: 8 x 1,000 takes 13-25 s on PostgreSQL and 13-35 s
-# on SQLite (BEGIN IMMEDIATE serialises the writers, but each write is short),
-# well inside the CI budget, so both backends run the full load.
+# Measured on a 2-core box: 8 x 1,000 takes 13-25 s on PostgreSQL, well
+# inside the CI budget, so the full load runs every time.
 REQUESTS_PER_CLIENT = 1000
 CLIENT_TIMEOUT = 30  # seconds; a hung request fails the test instead of stalling it
 

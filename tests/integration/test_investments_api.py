@@ -1,4 +1,4 @@
-"""Investments through the HTTP API, on SQLite and PostgreSQL: prices, orders, holdings."""
+"""Investments through the HTTP API: prices, orders, holdings."""
 
 import json
 import uuid

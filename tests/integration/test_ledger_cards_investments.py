@@ -1,4 +1,4 @@
-"""Ledger-level card payments, refunds and trades, on both backends."""
+"""Ledger-level card payments, refunds and trades."""
 
 import threading
 import uuid
@@ -124,7 +124,7 @@ def test_someone_elses_card_is_not_found(owner, funded, uid):
         ledger.card_refund(stranger.id, payment.debit.entry_id, 100)
 
 
-def test_concurrent_payments_never_exceed_the_daily_limit(owner, funded, backend):
+def test_concurrent_payments_never_exceed_the_daily_limit(owner, funded):
     card = make_card(owner, funded, daily_limit=5_000, monthly_limit=5_000)
     outcomes = []
     lock = threading.Lock()

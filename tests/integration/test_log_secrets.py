@@ -83,10 +83,9 @@ def all_logs():
 
 
 @pytest.fixture
-def session_environ(backend, database_url):
-    """This test's database, through a URL carrying a password on PostgreSQL, SQL echo on."""
-    url = with_password(database_url, DB_PASSWORD) if backend == "postgres" else database_url
-    return base_environ(url, DATABASE_ECHO="true")
+def session_environ(database_url):
+    """This test's database, through a URL carrying a password, SQL echo on."""
+    return base_environ(with_password(database_url, DB_PASSWORD), DATABASE_ECHO="true")
 
 
 def variants(secret):
@@ -194,14 +193,13 @@ def everything_stored(database):
 
 
 def test_a_whole_session_leaves_no_secret_in_logs_or_in_the_clear_in_the_database(
-        backend, session_environ, all_logs, capfd):
+        session_environ, all_logs, capfd):
     settings = load_settings(session_environ)
     database = dbm.init_db(settings)
     try:
         with LiveServer(create_app(settings), settings) as server:
             email, secrets = drive_a_session(server)
-        if backend == "postgres":
-            secrets["database password"] = DB_PASSWORD
+        secrets["database password"] = DB_PASSWORD
         out, err = capfd.readouterr()
         logged = all_logs.text() + "\n" + out + "\n" + err
 
@@ -225,8 +223,7 @@ def test_a_whole_session_leaves_no_secret_in_logs_or_in_the_clear_in_the_databas
             for form in variants(secret):
                 assert form not in stored, f"the {name} is stored in the clear"
         (password_hash,) = database.execute_sql(
-            "SELECT password_hash FROM users WHERE email = "
-            + ("%s" if backend == "postgres" else "?"), (email,)).fetchone()
+            "SELECT password_hash FROM users WHERE email = %s", (email,)).fetchone()
         assert password_hash.startswith("$argon2id$")
         assert verify_password(password_hash, NEW_PASSWORD)
         assert not verify_password(password_hash, PASSWORD)

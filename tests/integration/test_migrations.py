@@ -1,8 +1,7 @@
 """The migrations build exactly the schema the models describe, and undo cleanly.
 
 Schemas are compared by introspecting the live database (information_schema
-and pg_catalog on PostgreSQL; sqlite_master and PRAGMAs on SQLite), so what
-is checked is what a DBA would see in psql, not what Python believes.
+and pg_catalog), so what is checked is what a DBA would see in psql, not what Python believes.
 Everything here is generic over ``migrations/``: new migrations are covered
 without touching this file.
 """
@@ -11,13 +10,13 @@ import re
 import shutil
 from urllib.parse import urlsplit, urlunsplit
 
-import peewee as pw
 import psycopg2
 import pytest
 from peewee_migrate import Router
 
 from hoardrun import models, schema
 from hoardrun.db import build_database
+from tests.conftest import admin_url
 
 # ---------------------------------------------------------------------------
 # Introspection
@@ -98,47 +97,12 @@ def _split_checks(table_sql):
     return found
 
 
-def _sqlite_snapshot(database):
-    master = _rows(database, "SELECT type, name, tbl_name, sql FROM sqlite_master "
-                             "WHERE name NOT LIKE 'sqlite_%'")
-    tables = {name for kind, name, _, _ in master if kind == "table"}
-    sql_of = {name: sql for _, name, _, sql in master}
-    columns, indexes, index_defs, checks, foreign_keys, keys = {}, {}, {}, {}, set(), set()
-    for table in tables:
-        info = _rows(database, f'PRAGMA table_info("{table}")')
-        for _, name, dtype, notnull, default, pk in info:
-            columns[(table, name)] = (dtype.upper(), bool(notnull), normalise(default), pk)
-        for _, name, unique, origin, partial in _rows(database, f'PRAGMA index_list("{table}")'):
-            cols = tuple(c for _, _, c in _rows(database, f'PRAGMA index_info("{name}")'))
-            sql = sql_of.get(name)
-            predicate = None
-            if partial and sql:
-                predicate = re.split(r"\bWHERE\b", sql, maxsplit=1, flags=re.I)[1]
-            indexes[(table, name)] = (cols, bool(unique), normalise(predicate))
-            index_defs[(table, name)] = normalise(sql) or (origin, cols, bool(unique))
-        for name, expression in _split_checks(sql_of[table]).items():
-            checks[(table, name)] = normalise(expression)
-        for row in _rows(database, f'PRAGMA foreign_key_list("{table}")'):
-            _, _, target, column, target_column, on_update, on_delete, _ = row
-            foreign_keys.add((table, column, target, target_column, on_update, on_delete))
-        for _, name, _, _, _, pk in info:
-            if pk:
-                keys.add((table, "p", name))
-    triggers = {(table, name): normalise(sql) for kind, name, table, sql in master
-                if kind == "trigger"}
-    views = {name: normalise(sql) for kind, name, _, sql in master if kind == "view"}
-    return dict(tables=tables, columns=columns, indexes=indexes, index_defs=index_defs,
-                checks=checks, foreign_keys=foreign_keys, keys=keys, triggers=triggers,
-                functions={}, types=set(), views=views)
-
-
 IGNORED_TABLES = {schema.MIGRATE_TABLE}
 
 
 def snapshot(database):
     """Everything that makes up the schema, minus peewee-migrate's own history table."""
-    snap = (_pg_snapshot if isinstance(database, pw.PostgresqlDatabase)
-            else _sqlite_snapshot)(database)
+    snap = _pg_snapshot(database)
     for aspect, value in snap.items():
         if isinstance(value, dict):
             snap[aspect] = {k: v for k, v in value.items()
@@ -175,15 +139,10 @@ def differences(left, right, aspects=None):
 # ---------------------------------------------------------------------------
 
 
-def _admin_url(url):
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, ""))
-
-
 def _admin(url, statement):
     """Run CREATE/DROP DATABASE for ``url``'s database from the server's ``postgres`` one."""
     name = urlsplit(url).path.lstrip("/")
-    conn = psycopg2.connect(_admin_url(url))
+    conn = psycopg2.connect(admin_url(url))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -193,8 +152,8 @@ def _admin(url, statement):
 
 
 @pytest.fixture
-def scratch(settings, tmp_path):
-    """Make an empty throwaway database on this backend; dropped after the test.
+def scratch(settings):
+    """Make an empty throwaway database on the test server; dropped after the test.
 
     PostgreSQL scratch databases are named after the test database plus a
     suffix (``hr_test_x`` -> ``hr_test_x_models``), so parallel engineers and
@@ -203,14 +162,11 @@ def scratch(settings, tmp_path):
     made = []
 
     def make(suffix):
-        if not settings.is_postgres:
-            url = f"sqlite:///{tmp_path / (suffix + '.db')}"
-        else:
-            parts = urlsplit(settings.database_url)
-            name = parts.path.lstrip("/") + "_" + suffix
-            url = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
-            _admin(url, 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # an interrupted run's
-            _admin(url, 'CREATE DATABASE "{name}"')
+        parts = urlsplit(settings.database_url)
+        name = parts.path.lstrip("/") + "_" + suffix
+        url = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+        _admin(url, 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # an interrupted run's
+        _admin(url, 'CREATE DATABASE "{name}"')
         database = build_database(settings.replace(database_url=url))
         made.append((database, url))
         return database
@@ -218,8 +174,7 @@ def scratch(settings, tmp_path):
     yield make
     for database, url in made:
         database.close_all()
-        if not url.startswith("sqlite"):
-            _admin(url, 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _admin(url, 'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Deferred writes and piggybacked transaction control keep their meaning.
 
-On PostgreSQL, BEGIN, savepoints and ``execute_deferred`` writes travel with
-the next statement or the COMMIT; these tests pin that the observable
-behaviour is the same as sending them one by one (and the same as SQLite,
-which sends everything at once), and count the round trips of the money path.
+BEGIN, savepoints and ``execute_deferred`` writes travel with the next
+statement or the COMMIT; these tests pin that the observable behaviour is
+the same as sending them one by one, and count the round trips of the
+money path.
 """
 
 import uuid
@@ -17,9 +17,8 @@ from hoardrun.models import AuditLog, User
 
 
 def _user_sql():
-    param = "%s" if dbm.is_postgres() else "?"
-    return (f"INSERT INTO users (id, email, first_name, last_name, password_hash) "
-            f"VALUES ({param}, {param}, 'Deferred', 'Write', 'x')")
+    return ("INSERT INTO users (id, email, first_name, last_name, password_hash) "
+            "VALUES (%s, %s, 'Deferred', 'Write', 'x')")
 
 
 def test_a_deferred_write_lands_with_the_commit(database, uid):
@@ -72,8 +71,6 @@ def test_savepoints_still_undo_only_their_part(database, uid):
 @pytest.fixture
 def sent(database, monkeypatch):
     """Every statement string sent to PostgreSQL, one per round trip."""
-    if not dbm.is_postgres():
-        pytest.skip("round trips are a PostgreSQL matter; SQLite is in-process")
     log = []
     original = dbm.PostgresDatabase.cursor
 
@@ -93,7 +90,6 @@ def sent(database, monkeypatch):
     return log
 
 
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_an_empty_transaction_costs_no_round_trip(sent):
     with db.atomic():
         with db.atomic():
@@ -101,7 +97,6 @@ def test_an_empty_transaction_costs_no_round_trip(sent):
     assert sent == []
 
 
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_begin_savepoint_and_audit_ride_along(sent):
     with db.atomic():
         with db.atomic():
@@ -114,7 +109,6 @@ def test_begin_savepoint_and_audit_ride_along(sent):
     assert AuditLog.select().where(AuditLog.action == "test.ride").count() == 1
 
 
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
     """Token; the ledger call; audit + key with its response + COMMIT together.
 
@@ -138,7 +132,6 @@ def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
     assert "INSERT INTO audit_log" in sent[2] and "INSERT INTO idempotency_keys" in sent[2]
 
 
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 def test_a_connection_without_the_prepared_lookup_prepares_it_on_use(client, make_user):
     """A pooled connection that lost its prepared statements (or predates them) recovers."""
     from hoardrun import auth

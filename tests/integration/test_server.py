@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from hoardrun import db as dbm
-from hoardrun import schema
+from hoardrun import embedded, schema
 from hoardrun.api import get_app
 from hoardrun.api import serve as serving
 from hoardrun.config import load_settings
@@ -120,9 +122,7 @@ def test_get_app_serves_the_database_named_in_the_environment(environ, database_
         with LiveServer(app, settings) as server:
             code, _, body = request(server, "GET", "/api/health/database")
             assert code == 200
-            expected = (settings.masked_database_url if settings.is_postgres
-                        else settings.database_url)
-            assert body["database"]["database_url"] == expected
+            assert body["database"]["database_url"] == settings.masked_database_url
     finally:
         dbm.close_db()
 
@@ -135,12 +135,8 @@ def test_the_pool_is_at_least_as_large_as_the_thread_count(settings):
 
 
 @pytest.fixture
-def empty_url(backend, tmp_path):
-    if backend == "sqlite":
-        return f"sqlite:///{tmp_path / 'fresh.db'}"
+def empty_url():
     url = pg_url()
-    if not url:
-        pytest.skip("PostgreSQL not configured: set TEST_DATABASE_URL")
     parts = urlsplit(url)
     scratch = urlunsplit((parts.scheme, parts.netloc, parts.path + "_fresh", parts.query, ""))
     ensure_pg_database(scratch)
@@ -159,7 +155,6 @@ def test_development_start_applies_pending_migrations(empty_url):
         database.close_all()
 
 
-@pytest.mark.parametrize("backend", ["postgres"])
 def test_production_start_reports_pending_migrations_without_applying(empty_url, caplog):
     settings = load_settings(base_environ(empty_url, HOARDRUN_ENV="production"))
     database = dbm.init_db(settings)
@@ -178,6 +173,16 @@ def test_production_start_reports_pending_migrations_without_applying(empty_url,
 
 # -- the whole thing, as an operator runs it ------------------------------------------
 
+@pytest.fixture
+def embedded_dir():
+    """A base directory for an embedded server of this test's own; stopped and removed after."""
+    base = Path(tempfile.mkdtemp(prefix="hoardrun-serve-"))
+    os.chmod(base, 0o755)  # the server account must reach it when we are root
+    yield base
+    embedded.EmbeddedServer(base).stop("immediate")
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,10 +191,12 @@ def free_port():
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, the POSIX form of Ctrl-C")
-def test_serve_starts_migrates_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
+def test_serve_starts_migrates_answers_and_stops_cleanly_on_ctrl_c(embedded_dir):
+    """With no DATABASE_URL, as a newcomer runs it: on a PostgreSQL server it starts itself."""
     port = free_port()
-    env = {**os.environ, **base_environ(f"sqlite:///{tmp_path / 'served.db'}",
-                                        HOARDRUN_ENV="development")}
+    env = {**os.environ, **base_environ("", HOARDRUN_ENV="development",
+                                        HOARDRUN_DATA_DIR=str(embedded_dir))}
+    env.pop("DATABASE_URL")
     code = ("from hoardrun.api.serve import serve; "
             f"serve(host='127.0.0.1', port={port}, threads=8)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
@@ -222,3 +229,6 @@ def test_serve_starts_migrates_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     assert "applied" in out and "Serving on http://127.0.0.1:" in out and "stopped" in out
+    assert f"using the embedded PostgreSQL 18 server in {embedded_dir}" in out
+    # The server outlives the process that started it, ready for the next task.
+    assert embedded.EmbeddedServer(embedded_dir).running_pid() is not None
