@@ -429,6 +429,20 @@ def verify(c):
     print("ledger verified: balances match their entries and every currency sums to zero")
 
 
+@task(help={"batch": "keys deleted per transaction (default 1000)"})
+def prune(c, batch=1000):
+    """Delete idempotency keys older than HOARDRUN_IDEMPOTENCY_TTL, in batches."""
+    from hoardrun import idempotency
+
+    if batch < 1:
+        raise Exit(f"--batch={batch} is not valid: expected an integer >= 1", code=1)
+    with _database() as (settings, database):
+        _require_migrated(database)
+        deleted = idempotency.prune(settings.idempotency_ttl, batch_size=batch)
+    print(f"pruned {deleted} idempotency key(s) first used more than "
+          f"{settings.idempotency_ttl}s ago")
+
+
 # --------------------------------------------------------------------------- cards.*, prices.*
 
 @task
@@ -546,7 +560,7 @@ def bench(c, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, en
 
 
 db = Collection("db", check, init, migrate, rollback, history, current, makemigration,
-                sample, reset, verify)
+                sample, reset, verify, prune)
 ns = Collection(test, serve, bench)
 ns.add_collection(db)
 ns.add_collection(Collection("cards", rotate_keys))

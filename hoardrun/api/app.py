@@ -47,7 +47,8 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
                                  id_factory=id_factory or new_request_id,
                                  # Responses are checked against their declared
                                  # schemas everywhere but production (CPU).
-                                 validate_responses=not settings.is_production),
+                                 validate_responses=not settings.is_production,
+                                 idempotency_ttl=settings.idempotency_ttl),
                   # After RequestContext, so a 401/403 carries the request id.
                   Authentication(clock=clock)]
     if settings.cors_origins:
