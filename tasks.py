@@ -443,6 +443,57 @@ def prune(c, batch=1000):
           f"{settings.idempotency_ttl}s ago")
 
 
+@task(name="backup", help={"output": "file to write (default hoardrun-<database>-<UTC time>.dump "
+                                    "here); refused if it exists"})
+def backup_db(c, output=None):
+    """Write a consistent pg_dump snapshot (custom format); print its size and sha256."""
+    from hoardrun import backup
+
+    settings = _settings()
+    with _database(settings) as (settings, database):
+        made = backup.backup(settings, output)
+    print(f"backup:  {made.path}")
+    print(f"size:    {made.size} bytes")
+    print(f"sha256:  {made.sha256}  (also in {made.path.name}{backup.CHECKSUM_SUFFIX})")
+
+
+@task(name="restore", positional=["file"], help={
+    "file": "a backup written by db.backup (checked against its .sha256 when present)",
+    "target_url": "restore into this postgresql:// URL instead of DATABASE_URL "
+                  "(created if missing)",
+    "force": "replace the public schema of a non-empty target (never in production)",
+})
+def restore_db(c, file, target_url=None, force=False):
+    """Restore a backup into an empty database, migrate it, then verify the ledger."""
+    import os
+
+    from hoardrun import backup
+    from hoardrun.config import load_settings
+    from hoardrun.errors import ConfigError
+
+    settings = _settings()
+    if target_url:
+        try:
+            settings = load_settings({**os.environ, "DATABASE_URL": target_url})
+        except ConfigError as error:
+            raise Exit(str(error).replace("DATABASE_URL", "--target-url", 1), code=1) from None
+    if not settings.is_postgres:
+        raise Exit("db.restore needs a postgresql:// target", code=1)
+    with _guard_settings(settings):
+        _create_postgres_database_if_missing(settings)
+    with _database(settings) as (settings, database):
+        done = backup.restore(settings, file, force=force)
+    print(f"restored {done.path} (sha256 {done.sha256}) into {settings.masked_database_url}")
+    for name in done.migrations:
+        print(f"applied {name}")
+    for problem in done.problems:
+        print(problem)
+    if done.problems:
+        raise Exit(f"restored, but the ledger does not verify: {len(done.problems)} "
+                   "problem(s) found", code=1)
+    print("ledger verified: balances match their entries and every currency sums to zero")
+
+
 # --------------------------------------------------------------------------- cards.*, prices.*
 
 @task
@@ -560,7 +611,7 @@ def bench(c, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, en
 
 
 db = Collection("db", check, init, migrate, rollback, history, current, makemigration,
-                sample, reset, verify, prune)
+                sample, reset, verify, prune, backup_db, restore_db)
 ns = Collection(test, serve, bench)
 ns.add_collection(db)
 ns.add_collection(Collection("cards", rotate_keys))
