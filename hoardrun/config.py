@@ -73,6 +73,7 @@ class Settings:
     cors_origins: tuple = ()
     metrics: bool = DEFAULT_METRICS
     metrics_token: str = field(default="", repr=False)
+    metrics_multiproc_dir: str | None = None
     secret_key: str = field(default="", repr=False)
     card_keys: tuple = field(default=(), repr=False)
 
@@ -308,6 +309,11 @@ def load_settings(environ=None):
         raise ConfigError("HOARDRUN_METRICS_TOKEN is not set: production serves /metrics only "
                           "to a scraper that sends it as a bearer token")
 
+    multiproc_dir = (environ.get("PROMETHEUS_MULTIPROC_DIR") or "").strip() or None
+    if metrics and multiproc_dir and not os.path.isdir(multiproc_dir):
+        raise _bad("PROMETHEUS_MULTIPROC_DIR", multiproc_dir,
+                   "an existing directory shared by the server's processes")
+
     settings = Settings(
         env=env,
         database_url=url,
@@ -334,6 +340,7 @@ def load_settings(environ=None):
         cors_origins=_origins(environ),
         metrics=metrics,
         metrics_token=metrics_token,
+        metrics_multiproc_dir=multiproc_dir if metrics else None,
         secret_key=secret_key,
         card_keys=_card_keys(card_raw, "HOARDRUN_CARD_ENCRYPTION_KEYS"),
     )
