@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from falcon import testing
-from money_helpers import deposit, get_account, ok, open_account, post_money, problem
+from money_helpers import get_account, ok, open_account, post_money, problem
 
 from hoardrun import idempotency
 from hoardrun.api import create_app
