@@ -450,6 +450,69 @@ def verify(c):
     print("ledger verified: balances match their entries and every currency sums to zero")
 
 
+@task(help={"batch": "keys deleted per transaction (default 1000)"})
+def prune(c, batch=1000):
+    """Delete idempotency keys older than HOARDRUN_IDEMPOTENCY_TTL, in batches."""
+    from hoardrun import idempotency
+
+    if batch < 1:
+        raise Exit(f"--batch={batch} is not valid: expected an integer >= 1", code=1)
+    with _database() as (settings, database):
+        _require_migrated(database)
+        deleted = idempotency.prune(settings.idempotency_ttl, batch_size=batch)
+    print(f"pruned {deleted} idempotency key(s) first used more than "
+          f"{settings.idempotency_ttl}s ago")
+
+
+@task(name="backup", help={"output": "file to write (default hoardrun-<database>-<UTC time>.dump "
+                                    "here); refused if it exists"})
+def backup_db(c, output=None):
+    """Write a consistent pg_dump snapshot (custom format); print its size and sha256."""
+    from hoardrun import backup
+
+    settings = _settings()
+    with _database(settings) as (settings, database):
+        made = backup.backup(settings, output)
+    print(f"backup:  {made.path}")
+    print(f"size:    {made.size} bytes")
+    print(f"sha256:  {made.sha256}  (also in {made.path.name}{backup.CHECKSUM_SUFFIX})")
+
+
+@task(name="restore", positional=["file"], help={
+    "file": "a backup written by db.backup (checked against its .sha256 when present)",
+    "target_url": "restore into this postgresql:// URL instead of DATABASE_URL "
+                  "(created if missing)",
+    "force": "replace the public schema of a non-empty target (never in production)",
+})
+def restore_db(c, file, target_url=None, force=False):
+    """Restore a backup into an empty database, migrate it, then verify the ledger."""
+    import os
+
+    from hoardrun import backup
+    from hoardrun.config import load_settings
+    from hoardrun.errors import ConfigError
+
+    settings = _settings()
+    if target_url:
+        try:
+            settings = load_settings({**os.environ, "DATABASE_URL": target_url})
+        except ConfigError as error:
+            raise Exit(str(error).replace("DATABASE_URL", "--target-url", 1), code=1) from None
+    with _guard_settings(settings):
+        _create_postgres_database_if_missing(settings)
+    with _database(settings) as (settings, database):
+        done = backup.restore(settings, file, force=force)
+    print(f"restored {done.path} (sha256 {done.sha256}) into {settings.masked_database_url}")
+    for name in done.migrations:
+        print(f"applied {name}")
+    for problem in done.problems:
+        print(problem)
+    if done.problems:
+        raise Exit(f"restored, but the ledger does not verify: {len(done.problems)} "
+                   "problem(s) found", code=1)
+    print("ledger verified: balances match their entries and every currency sums to zero")
+
+
 # --------------------------------------------------------------------------- cards.*, prices.*
 
 @task
@@ -491,7 +554,7 @@ def set_price(c, symbol, price, name=None, type=None, currency=None):
     "specific": "run only this test file, directory or node id",
 })
 def test(c, database_only=False, coverage=False, specific=None):
-    """Run the tests with pytest (PostgreSQL as well when TEST_DATABASE_URL is set)."""
+    """Run the tests with pytest (on TEST_DATABASE_URL, else on an embedded server of their own)."""
     import pytest
 
     if database_only and specific:
@@ -567,7 +630,7 @@ def bench(c, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, en
 
 
 db = Collection("db", check, server, init, migrate, rollback, history, current, makemigration,
-                sample, reset, verify)
+                sample, reset, verify, prune, backup_db, restore_db)
 ns = Collection(test, serve, bench)
 ns.add_collection(db)
 ns.add_collection(Collection("cards", rotate_keys))

@@ -36,6 +36,12 @@ DEFAULT_COMMAND_TIMEOUT = 60
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_TOKEN_TTL = 24 * 3600
 DEFAULT_SECRETS_FILE = ".hoardrun-secrets.json"
+DEFAULT_IDEMPOTENCY_TTL = 7 * 24 * 3600
+# A client retries for hours after an outage; a key that lapsed sooner than a
+# day would let a late retry move money twice.
+MIN_IDEMPOTENCY_TTL = 24 * 3600
+DEFAULT_METRICS = False
+MIN_METRICS_TOKEN = 32
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -67,7 +73,11 @@ class Settings:
     command_timeout: int = DEFAULT_COMMAND_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     token_ttl: int = DEFAULT_TOKEN_TTL
+    idempotency_ttl: int = DEFAULT_IDEMPOTENCY_TTL
     cors_origins: tuple = ()
+    metrics: bool = DEFAULT_METRICS
+    metrics_token: str = field(default="", repr=False)
+    metrics_multiproc_dir: str | None = None
     secret_key: str = field(default="", repr=False)
     card_keys: tuple = field(default=(), repr=False)
 
@@ -286,6 +296,21 @@ def load_settings(environ=None):
         secret_key = secret_key or file_secret
         card_raw = card_raw or file_card
 
+    metrics = _bool(environ, "HOARDRUN_METRICS", DEFAULT_METRICS)
+    metrics_token = (environ.get("HOARDRUN_METRICS_TOKEN") or "").strip()
+    if metrics_token and len(metrics_token) < MIN_METRICS_TOKEN:
+        # Never echo a secret, even a short one.
+        raise ConfigError(f"HOARDRUN_METRICS_TOKEN is not valid: expected at least "
+                          f"{MIN_METRICS_TOKEN} characters")
+    if metrics and env == "production" and not metrics_token:
+        raise ConfigError("HOARDRUN_METRICS_TOKEN is not set: production serves /metrics only "
+                          "to a scraper that sends it as a bearer token")
+
+    multiproc_dir = (environ.get("PROMETHEUS_MULTIPROC_DIR") or "").strip() or None
+    if metrics and multiproc_dir and not os.path.isdir(multiproc_dir):
+        raise _bad("PROMETHEUS_MULTIPROC_DIR", multiproc_dir,
+                   "an existing directory shared by the server's processes")
+
     settings = Settings(
         env=env,
         database_url=url,
@@ -308,7 +333,12 @@ def load_settings(environ=None):
         max_body_bytes=_int(environ, "HOARDRUN_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES,
                             minimum=1),
         token_ttl=_int(environ, "HOARDRUN_TOKEN_TTL", DEFAULT_TOKEN_TTL, minimum=60),
+        idempotency_ttl=_int(environ, "HOARDRUN_IDEMPOTENCY_TTL", DEFAULT_IDEMPOTENCY_TTL,
+                             minimum=MIN_IDEMPOTENCY_TTL),
         cors_origins=_origins(environ),
+        metrics=metrics,
+        metrics_token=metrics_token,
+        metrics_multiproc_dir=multiproc_dir if metrics else None,
         secret_key=secret_key,
         card_keys=_card_keys(card_raw, "HOARDRUN_CARD_ENCRYPTION_KEYS"),
     )

@@ -148,6 +148,22 @@ def client_program(name):
     return path
 
 
+def client_programs(name):
+    """Every ``name`` client program found, in ``server_bindir``'s search order, once each.
+
+    A restore needs the one matching the server's major version (a newer
+    ``pg_restore`` sends settings an older server rejects), so callers choose.
+    """
+    seen = set()
+    for bindir in _candidate_bindirs():
+        path = _exe(bindir, name)
+        with contextlib.suppress(OSError):
+            real = path.resolve()
+            if path.is_file() and real not in seen:
+                seen.add(real)
+                yield path
+
+
 # --------------------------------------------------------------------------- running as root
 
 def _is_root():

@@ -148,3 +148,7 @@ class NotInvestmentAccount(LedgerError):
 
 class OrderTooSmall(LedgerError):
     code, title = "order-too-small", "Order is worth less than one minor unit"
+
+
+class BackupError(HoardRunError):
+    code, status, title = "backup-error", 500, "Backup or restore failed"

@@ -24,6 +24,12 @@ their own after the refused transaction rolled back (it changed nothing).
 Unexpected errors (5xx) store nothing, so the client may retry with the
 same key.
 
+Keys are kept for ``ttl`` seconds (``HOARDRUN_IDEMPOTENCY_TTL``, 7 days by
+default, at least a day): inside that window a replay returns the stored
+response byte for byte; after it the key is treated as new (the lapsed row
+is deleted and the request runs), and ``prune()`` (``invoke db.prune``)
+deletes lapsed rows in batches so the table does not grow forever.
+
 The statements are raw SQL: this runs on every money-moving POST
 (PERFORMANCE.md item 6).
 """
@@ -38,10 +44,14 @@ from decimal import Decimal
 import peewee as pw
 
 from . import errors
+from .config import DEFAULT_IDEMPOTENCY_TTL
 from .db import db, driver_error, execute_deferred
 
 HEADER = "Idempotency-Key"
 KEY_MAX_LENGTH = 255
+#: How long a key replays (``HOARDRUN_IDEMPOTENCY_TTL``); older keys are new again.
+DEFAULT_TTL = DEFAULT_IDEMPOTENCY_TTL
+PRUNE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -90,13 +100,14 @@ def _id(value):
     return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).hex
 
 
-def run(user_id, key, fingerprint, action, *, on_error):
-    """Run ``action`` once per (user, key); return an ``Outcome``.
+def run(user_id, key, fingerprint, action, *, on_error, ttl=DEFAULT_TTL):
+    """Run ``action`` once per (user, key) within ``ttl`` seconds; return an ``Outcome``.
 
     ``action()`` returns ``(status, body_text)``; ``on_error(exc)`` turns a
     4xx ``HoardRunError`` raised by ``action`` into ``(status, body_text)``.
     Without a key the action simply runs in one transaction, and its errors
-    propagate.
+    propagate. A key first used more than ``ttl`` seconds ago is treated as
+    new: its old row is deleted and the request runs.
     """
     if key is None:
         with db.atomic():
@@ -104,8 +115,21 @@ def run(user_id, key, fingerprint, action, *, on_error):
         return Outcome(status, body, False)
 
     user = _id(user_id)
+    # Twice at most: the second attempt follows the deletion of a lapsed row,
+    # so any row it meets was written moments ago by a twin and replays.
+    for _ in range(2):
+        outcome = _attempt(user, key, fingerprint, action, on_error)
+        if outcome is None:
+            outcome = _replay(user, key, fingerprint, ttl)
+        if outcome is not None:
+            return outcome
+    raise errors.Conflict("this key was reused concurrently; retry")  # pragma: no cover
+
+
+def _attempt(user, key, fingerprint, action, on_error):
+    """Run ``action`` and store its response under ``key``; None when the key exists."""
     store = ("INSERT INTO idempotency_keys (id, user_id, key, request_hash, response_status, "
-                 "response_body) VALUES (%s, %s, %s, %s, %s, %s)")
+             "response_body) VALUES (%s, %s, %s, %s, %s, %s)")
     try:
         try:
             with db.atomic():
@@ -125,10 +149,10 @@ def run(user_id, key, fingerprint, action, *, on_error):
             db.execute_sql(store, (uuid.uuid4().hex, user, key, fingerprint, status, body))
     except pw.IntegrityError as exc:
         # The key's row exists: its request committed first, so its response
-        # is there to replay.
+        # is there to replay (unless it has lapsed).
         if not _is_key_conflict(exc):
             raise
-        return _replay(user, key, fingerprint)
+        return None
     return Outcome(status, body, False)
 
 
@@ -139,12 +163,23 @@ def _is_key_conflict(exc):
     return constraint == "idempotency_keys_user_id_key"
 
 
-def _replay(user, key, fingerprint):
+def _replay(user, key, fingerprint, ttl):
+    """The stored response for ``key``; None once a lapsed row is gone (run it anew)."""
     row = db.execute_sql(
-        "SELECT request_hash, response_status, response_body FROM idempotency_keys "
-            "WHERE user_id = %s AND key = %s",
-        (user, key)).fetchone()
-    stored_hash, status, body = row
+        "SELECT request_hash, response_status, response_body, "
+        "created_at < now() - make_interval(secs => %s) FROM idempotency_keys "
+        "WHERE user_id = %s AND key = %s",
+        (ttl, user, key)).fetchone()
+    if row is None:
+        return None  # pruned between our conflict and this read: the key is new again
+    stored_hash, status, body, lapsed = row
+    if lapsed:
+        # Only a row that is still lapsed goes, so a twin's fresh row survives.
+        db.execute_sql(
+            "DELETE FROM idempotency_keys WHERE user_id = %s AND key = %s "
+            "AND created_at < now() - make_interval(secs => %s)",
+            (user, key, ttl))
+        return None
     if stored_hash != fingerprint:
         raise errors.IdempotencyKeyReused(
             f"this {HEADER} was already used for a different request; "
@@ -152,3 +187,26 @@ def _replay(user, key, fingerprint):
     if status is None:  # pragma: no cover - claim and response commit together
         raise errors.Conflict("the first request with this key has not finished; retry")
     return Outcome(int(status), body, True)
+
+
+def prune(ttl=DEFAULT_TTL, *, batch_size=PRUNE_BATCH):
+    """Delete keys first used more than ``ttl`` seconds ago; return how many.
+
+    Each batch is its own short transaction (``SKIP LOCKED``), so pruning a
+    large backlog never holds many locks or one long transaction next to
+    live traffic, and two prunes at once share the work.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is not valid: expected an integer >= 1")
+    total = 0
+    while True:
+        with db.atomic():
+            deleted = db.execute_sql(
+                "DELETE FROM idempotency_keys WHERE id IN ("
+                " SELECT id FROM idempotency_keys"
+                " WHERE created_at < now() - make_interval(secs => %s)"
+                " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (ttl, batch_size)).rowcount
+        total += deleted
+        if deleted < batch_size:
+            return total

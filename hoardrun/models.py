@@ -378,7 +378,8 @@ class IdempotencyKey(BaseModel):
     request_hash = pw.CharField(max_length=64)
     response_status = pw.IntegerField(null=True)
     response_body = pw.TextField(null=True)
-    created_at = UTCDateTimeField(constraints=_now())
+    # indexed: db.prune deletes lapsed keys oldest first (migration 006)
+    created_at = UTCDateTimeField(constraints=_now(), index=True)
 
     class Meta:
         table_name = "idempotency_keys"

@@ -26,6 +26,7 @@ from . import cards as cards_routes
 from . import health as health_routes
 from . import investments as investments_routes
 from . import media, openapi, problems
+from . import metrics as metrics_routes
 from . import money as money_routes
 from . import prices as prices_routes
 from . import transactions as transactions_routes
@@ -47,7 +48,8 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
                                  id_factory=id_factory or new_request_id,
                                  # Responses are checked against their declared
                                  # schemas everywhere but production (CPU).
-                                 validate_responses=not settings.is_production),
+                                 validate_responses=not settings.is_production,
+                                 idempotency_ttl=settings.idempotency_ttl),
                   # After RequestContext, so a 401/403 carries the request id.
                   Authentication(clock=clock)]
     if settings.cors_origins:
@@ -57,10 +59,14 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
         middleware.insert(0, falcon.CORSMiddleware(allow_origins=origins,
                                                    expose_headers=["X-Request-ID",
                                                                    "Retry-After"]))
+    metrics, observer = metrics_routes.install(settings)
+    if observer is not None:
+        middleware.insert(0, observer)  # outermost: times and counts everything
     app = falcon.App(middleware=middleware)
     media.configure(app)
     problems.install(app)
     _routes(app, settings, Health(settings, clock=clock, monotonic=monotonic), clock)
+    metrics_routes.mount(app, settings, metrics)
     return app
 
 

@@ -297,7 +297,7 @@ class Payments:
             merchant_name=body.merchant_name, merchant_category=body.merchant_category,
             channel=body.channel, international=body.international,
             description=body.description, request_id=req.context.request_id),
-            body.channel, body.international), TRANSACTIONS)
+            body.channel, body.international), TRANSACTIONS, kind="card_payment")
 
 
 class Refunds:
@@ -314,7 +314,7 @@ class Refunds:
         body = req.context.json
         _idempotent(req, resp, lambda: render_refund(cards.refund(
             req.context.user.id, card_id, payment_id, amount=body.amount,
-            request_id=req.context.request_id)), TRANSACTIONS)
+            request_id=req.context.request_id)), TRANSACTIONS, kind="card_refund")
 
 
 def mount(app, settings):

@@ -191,7 +191,7 @@ class Orders:
         body = req.context.json
         _idempotent(req, resp, lambda: render_order(investments.place_order(
             req.context.user.id, body.account_id, body.symbol, body.side, body.quantity,
-            request_id=req.context.request_id)), TRANSACTIONS)
+            request_id=req.context.request_id)), TRANSACTIONS, kind="trade")
 
 
 def mount(app, settings):

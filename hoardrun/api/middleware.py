@@ -25,6 +25,7 @@ import uuid
 import falcon
 
 from .. import db as dbm
+from .. import idempotency
 
 access_log = logging.getLogger("hoardrun.access")
 
@@ -41,8 +42,9 @@ class RequestContext:
     """See the module docstring; one instance serves every thread."""
 
     def __init__(self, *, max_body_bytes, id_factory=new_request_id, timer=time.perf_counter,
-                 validate_responses=True):
+                 validate_responses=True, idempotency_ttl=idempotency.DEFAULT_TTL):
         self.max_body_bytes = max_body_bytes
+        self.idempotency_ttl = idempotency_ttl
         self.id_factory = id_factory
         self.timer = timer
         self.validate_responses = validate_responses
@@ -50,6 +52,7 @@ class RequestContext:
     def process_request(self, req, resp):
         req.context.started = self.timer()
         req.context.validate_responses = self.validate_responses
+        req.context.idempotency_ttl = self.idempotency_ttl
         given = req.get_header(REQUEST_ID_HEADER)
         # A client-chosen id goes into our logs and audit rows: only a short
         # token is taken as is, so nobody can inject log lines or markup.

@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from spectree import Response
 
-from .. import cursors, history, idempotency, movements
+from .. import cursors, errors, history, idempotency, movements
 from ..models import MOVEMENT_STATUSES
 from ..money import format_amount
 from . import problems
@@ -183,14 +183,36 @@ def _problem(req, exc):
     raise AssertionError("handle_domain_error always raises")  # pragma: no cover
 
 
-def _idempotent(req, resp, action, location_prefix):
-    """Run ``action`` (returns the 201 body dict) under the request's Idempotency-Key."""
+def _idempotent(req, resp, action, location_prefix, *, kind):
+    """Run ``action`` (returns the 201 body dict) under the request's Idempotency-Key.
+
+    ``kind`` names the movement; ``req.context.movement`` is set to
+    ``(kind, outcome, reason)`` (``posted``, ``refused`` with the problem
+    code, or ``replayed``) for the metrics middleware.
+    """
     key = idempotency.check_key(req.context.headers.idempotency_key)
     fingerprint = idempotency.request_hash(req.method, req.path,
                                            req.get_media(default_when_empty={}))
-    outcome = idempotency.run(req.context.user.id, key, fingerprint,
-                              lambda: (201, dumps(action())),
-                              on_error=lambda exc: _problem(req, exc))
+    refusals = []
+
+    def refused(exc):
+        refusals.append(exc.code)
+        return _problem(req, exc)
+
+    try:
+        outcome = idempotency.run(req.context.user.id, key, fingerprint,
+                                  lambda: (201, dumps(action())), on_error=refused,
+                                  ttl=req.context.idempotency_ttl)
+    except errors.HoardRunError as exc:
+        if exc.status < 500:  # without a key a refusal propagates as the problem itself
+            req.context.movement = (kind, "refused", exc.code)
+        raise
+    if outcome.replayed:
+        req.context.movement = (kind, "replayed", "")
+    elif outcome.status >= 400:
+        req.context.movement = (kind, "refused", refusals[-1])
+    else:
+        req.context.movement = (kind, "posted", "")
     resp.status = outcome.status
     resp.content_type = JSON if outcome.status < 400 else PROBLEM_JSON
     resp.data = outcome.body.encode("utf-8")
@@ -221,7 +243,7 @@ class Deposits:
         body = req.context.json
         _idempotent(req, resp, lambda: render_entry(movements.deposit(
             req.context.user.id, account_id, body.amount, description=body.description,
-            request_id=req.context.request_id)), f"{API_PREFIX}/transactions")
+            request_id=req.context.request_id)), f"{API_PREFIX}/transactions", kind="deposit")
 
 
 class Withdrawals:
@@ -235,7 +257,8 @@ class Withdrawals:
         body = req.context.json
         _idempotent(req, resp, lambda: render_entry(movements.withdraw(
             req.context.user.id, account_id, body.amount, description=body.description,
-            request_id=req.context.request_id)), f"{API_PREFIX}/transactions")
+            request_id=req.context.request_id)), f"{API_PREFIX}/transactions",
+            kind="withdrawal")
 
 
 class Transfers:
@@ -265,7 +288,7 @@ class Transfers:
         _idempotent(req, resp, lambda: render_transfer(movements.transfer(
             req.context.user.id, body.from_account_id, body.to_account_id, body.amount,
             currency=body.currency, description=body.description,
-            request_id=req.context.request_id)), f"{API_PREFIX}/transfers")
+            request_id=req.context.request_id)), f"{API_PREFIX}/transfers", kind="transfer")
 
 
 class Transfer:
@@ -323,7 +346,7 @@ class P2PPayments:
             req.context.user.id, body.amount, recipient_email=email,
             recipient_user_id=user_id, from_account_id=body.from_account_id,
             currency=body.currency, note=body.note, request_id=req.context.request_id)),
-            f"{API_PREFIX}/p2p")
+            f"{API_PREFIX}/p2p", kind="p2p")
 
 
 class P2PPayment:

@@ -124,6 +124,9 @@ BAD = [
     ("HOARDRUN_ENV", "staging", ["development", "test", "production"]),
     ("HOARDRUN_CORS_ORIGINS", "example.com", ["http"]),
     ("HOARDRUN_TOKEN_TTL", "10", ["integer >= 60"]),
+    ("HOARDRUN_IDEMPOTENCY_TTL", "3600", ["integer >= 86400"]),
+    ("HOARDRUN_IDEMPOTENCY_TTL", "7d", ["integer >= 86400"]),
+    ("HOARDRUN_METRICS", "sometimes", ["true", "false"]),
 ]
 
 
@@ -279,3 +282,35 @@ def test_nothing_is_read_from_the_process_environment_when_a_mapping_is_given(en
                                                                               monkeypatch):
     monkeypatch.setenv("DATABASE_POOL_SIZE", "abc")
     assert load_settings(env).pool_size == 20
+
+
+def test_idempotency_and_metrics_defaults_and_values(env, tmp_path):
+    s = load_settings(env)
+    assert (s.idempotency_ttl, s.metrics, s.metrics_token, s.metrics_multiproc_dir) == (
+        7 * 24 * 3600, False, "", None)
+    s = load_settings(dict(env, HOARDRUN_IDEMPOTENCY_TTL="86400", HOARDRUN_METRICS="on",
+                           HOARDRUN_METRICS_TOKEN="m" * 32,
+                           PROMETHEUS_MULTIPROC_DIR=str(tmp_path)))
+    assert (s.idempotency_ttl, s.metrics, s.metrics_multiproc_dir) == (86400, True,
+                                                                        str(tmp_path))
+    assert "m" * 32 not in repr(s)
+
+
+def test_a_short_metrics_token_is_refused_without_echoing_it(env):
+    with pytest.raises(ConfigError) as info:
+        load_settings(dict(env, HOARDRUN_METRICS="true", HOARDRUN_METRICS_TOKEN="tiny-token"))
+    assert "HOARDRUN_METRICS_TOKEN" in str(info.value) and "tiny-token" not in str(info.value)
+
+
+def test_production_metrics_need_a_token(prod):
+    with pytest.raises(ConfigError, match="HOARDRUN_METRICS_TOKEN is not set"):
+        load_settings(dict(prod, HOARDRUN_METRICS="true"))
+    assert load_settings(dict(prod, HOARDRUN_METRICS="true",
+                              HOARDRUN_METRICS_TOKEN="p" * 40)).metrics
+
+
+def test_a_missing_multiprocess_directory_is_one_line(env, tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ConfigError) as info:
+        load_settings(dict(env, HOARDRUN_METRICS="true", PROMETHEUS_MULTIPROC_DIR=missing))
+    assert f"PROMETHEUS_MULTIPROC_DIR={missing!r} is not valid" in str(info.value)
