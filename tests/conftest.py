@@ -31,31 +31,35 @@ TEST_DATABASE = "hoardrun_test"
 EMBEDDED_TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off",
                           "full_page_writes": "off", "shared_buffers": "'64MB'"}
 
-_embedded_server = None
+# NOTE: this module is imported twice, as pytest's ``conftest`` and as
+# ``tests.conftest`` (test modules import helpers from it), so a module global
+# would start two servers. The run's one server is named in the environment.
+_EMBEDDED_BASE = "HOARDRUN_TEST_PG_BASE"
 
 
 def _start_embedded_server():
     """The run's own embedded server, in a directory the server account can reach."""
-    global _embedded_server
-    if _embedded_server is None:
-        # Under the system temp dir (mode 1777), not pytest's root-only tmp_path:
-        # when we are root the server runs as another account.
-        base = tempfile.mkdtemp(prefix="hoardrun-test-pg-")
-        os.chmod(base, 0o755)
-        _embedded_server = embedded.EmbeddedServer(base, settings=EMBEDDED_TEST_SETTINGS)
-        _embedded_server.ensure_running()
-        _embedded_server.ensure_database(TEST_DATABASE)
-    return _embedded_server
+    base = os.environ.get(_EMBEDDED_BASE)
+    if base:
+        return embedded.EmbeddedServer(base, settings=EMBEDDED_TEST_SETTINGS)
+    # Under the system temp dir (mode 1777), not pytest's root-only tmp_path:
+    # when we are root the server runs as another account.
+    base = tempfile.mkdtemp(prefix="hoardrun-test-pg-")
+    os.chmod(base, 0o755)
+    server = embedded.EmbeddedServer(base, settings=EMBEDDED_TEST_SETTINGS)
+    server.ensure_running()
+    server.ensure_database(TEST_DATABASE)
+    os.environ[_EMBEDDED_BASE] = base
+    return server
 
 
 def _stop_embedded_server():
-    global _embedded_server
-    if _embedded_server is not None:
+    base = os.environ.pop(_EMBEDDED_BASE, None)
+    if base:
         try:
-            _embedded_server.stop("immediate")
+            embedded.EmbeddedServer(base).stop("immediate")
         finally:
-            shutil.rmtree(_embedded_server.base_dir, ignore_errors=True)
-            _embedded_server = None
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def pg_url():

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hoardrun"
 LAYERS = (
     ("api", {"api"}),
     ("services", {"accounts", "admin", "auth", "cards", "health", "history", "idempotency",
-                  "investments", "movements", "users", "sample"}),
+                  "investments", "movements", "users", "sample", "backup"}),
     ("ledger", {"ledger"}),
     ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text"}),
     ("db", {"db", "embedded"}),
