@@ -9,8 +9,9 @@ written here.
 Valuation: a holding's current value is quantity × current price rounded
 DOWN to the minor unit, i.e. what selling it now would pay (the sell rule),
 computed by one SQL expression that both the holdings list and the portfolio
-summary use, so the summary always equals the sum of the holdings it shows. Unrealised gain is current value minus
-cost basis (what was paid for the quantity still held, average-cost method).
+summary use, so the summary always equals the sum of the holdings it shows.
+Unrealised gain is current value minus cost basis (what was paid for the
+quantity still held, average-cost method).
 
 NOTE: PostgreSQL computes values exactly (NUMERIC). SQLite, the embedded
 development backend, has no decimal type: it multiplies as 64-bit floats and

@@ -411,8 +411,10 @@ BEGIN
     -- The house's favour: a buy pays any fraction of a minor unit in full, a
     -- sell drops it, so no sequence of orders can farm the rounding.
     v_exact := CASE WHEN p_buy
-                    THEN hoardrun_minor_ceil(p_quantity * pr.price, hoardrun_currency_exponent(a.currency))
-                    ELSE hoardrun_minor_floor(p_quantity * pr.price, hoardrun_currency_exponent(a.currency))
+                    THEN hoardrun_minor_ceil(p_quantity * pr.price,
+                                             hoardrun_currency_exponent(a.currency))
+                    ELSE hoardrun_minor_floor(p_quantity * pr.price,
+                                              hoardrun_currency_exponent(a.currency))
                END;
     IF v_exact > MAX_MINOR_UNITS THEN
         RAISE EXCEPTION USING ERRCODE = 'HR020',

@@ -123,6 +123,19 @@ def test_a_reversal_gives_back_only_what_refunds_did_not(client, jane, admin, ca
     assert ledger.verify() == []
 
 
+def test_a_reversed_refund_gave_nothing_back(client, jane, admin, card, card_account):
+    paid = card_pay(client, jane, card["id"], "60.00")
+    refunded = ok(card_refund(client, jane, card["id"], paid["id"], "60.00"), 201)
+    ok(reverse(client, admin, refunded["id"]), 200)
+    assert balance(client, jane, card_account) == "940.00"
+    # Reversing the payment now gives the whole 60.00 back, once.
+    entries = ok(reverse(client, admin, paid["id"]), 200)["entries"]
+    assert {e["amount"] for e in entries} == {"60.00"}
+    assert balance(client, jane, card_account) == "1000.00"
+    problem(card_refund(client, jane, card["id"], paid["id"], "60.00"), 422, "payment-reversed")
+    assert ledger.verify() == []
+
+
 # --------------------------------------------------------------------------
 # 2. Reversing an investment order moves only the cash
 
