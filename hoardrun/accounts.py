@@ -13,8 +13,8 @@ import peewee as pw
 
 from . import audit, errors
 from .db import db
+from .models import ACCOUNT_TYPES, SETTLEMENT, Account, Card, Investment
 from .text import clean_text
-from .models import ACCOUNT_TYPES, SETTLEMENT, Account
 from .money import get_currency
 from .security import luhn_check_digit
 
@@ -176,13 +176,26 @@ def set_primary(user_id, account_id, *, request_id=None):
 
 
 def close(user_id, account_id, *, request_id=None):
-    """Close the user's account; only allowed at a zero balance.
+    """Close the user's account; only at a zero balance and with nothing invested.
 
-    The balance is checked under the same row lock the ledger takes, so no
-    deposit can land between the check and the close. A closed account stops
-    being primary (payments to the user would otherwise bounce off it).
+    The balance and holdings are checked under the same row lock the ledger
+    takes, so no deposit or buy can land between the check and the close. A
+    closed account keeps no assets: a holding there could never be sold, so
+    one held is refused (sell it first), and the account's cards are
+    cancelled with it. A closed account stops being primary; the user's
+    oldest other active account becomes primary, so payments to the user
+    still land whenever they have an active account.
     """
     with db.atomic():
+        # Lock order: the user (primary changes), the account's cards (a card
+        # payment locks its card before its account), then the account.
+        _lock_owner(user_id)
+        get_account(user_id, account_id)  # NotFound before touching anyone's cards
+        cards = list(Card
+                     .select()
+                     .where(Card.account == account_id)
+                     .order_by(Card.id)
+                     .for_update())
         account = _locked_account(user_id, account_id)
         if account.status == "closed":
             raise errors.AccountNotActive("account is already closed")
@@ -192,16 +205,55 @@ def close(user_id, account_id, *, request_id=None):
             raise errors.AccountNotEmpty(
                 "only an account with a zero balance can be closed; move the money out first",
                 balance=account.balance)
+        held = [symbol for (symbol,) in (Investment
+                                         .select(Investment.symbol)
+                                         .where((Investment.account == account.id)
+                                                & (Investment.quantity > 0))
+                                         .order_by(Investment.symbol)
+                                         .tuples())]
+        if held:
+            raise errors.AccountNotEmpty(
+                "an account that holds investments cannot be closed; sell them first "
+                f"({', '.join(held)})", holdings=held)
         now = _now()
         (Account
          .update(status="closed", closed_at=now, is_primary=False, updated_at=now)
          .where(Account.id == account.id)
          .execute())
+        for card in cards:
+            if card.status != "cancelled":
+                (Card
+                 .update(status="cancelled", updated_at=now)
+                 .where(Card.id == card.id)
+                 .execute())
+                audit.record("card.cancel", "card", card.id, actor_id=user_id,
+                             before={"status": card.status},
+                             after={"status": "cancelled", "reason": "account closed"},
+                             request_id=request_id)
+        promoted = _promote_primary(user_id, now) if account.is_primary else None
         audit.record("account.close", "account", account.id, actor_id=user_id,
                      before=snapshot(account),
-                     after={**snapshot(account), "status": "closed", "is_primary": False},
+                     after={**snapshot(account), "status": "closed", "is_primary": False,
+                            "primary_account_id": promoted},
                      request_id=request_id)
     return get_account(user_id, account_id)
+
+
+def _promote_primary(user_id, now):
+    """Make the user's oldest active account primary; return its id (None if none)."""
+    successor = (Account
+                 .select(Account.id)
+                 .where((Account.user == user_id)
+                        & (Account.status == "active")
+                        & (Account.type != SETTLEMENT))
+                 .order_by(Account.created_at, Account.id)
+                 .scalar())
+    if successor is not None:
+        (Account
+         .update(is_primary=True, updated_at=now)
+         .where(Account.id == successor)
+         .execute())
+    return successor
 
 
 def _lock_owner(user_id):

@@ -114,6 +114,10 @@ class RefundExceedsPayment(LedgerError):
     code, title = "refund-exceeds-payment", "Refund exceeds the original payment"
 
 
+class PaymentReversed(LedgerError):
+    code, title = "payment-reversed", "Payment was reversed"
+
+
 class InsufficientHolding(LedgerError):
     code, title = "insufficient-holding", "Not enough of the instrument held"
 

@@ -47,6 +47,9 @@ _PG_ERRORS = {
     "HR016": errors.InsufficientHolding,
     "HR017": errors.NotInvestmentAccount,
     "HR018": errors.OrderTooSmall,
+    "HR019": errors.PaymentReversed,
+    # An amount above MAX_MINOR_UNITS, e.g. a trade's computed cash leg.
+    "HR020": errors.AmountError,
     "HR404": errors.NotFound,
 }
 
@@ -164,7 +167,11 @@ def reverse(entry_id, *, description=None):
 
     Each reversing entry points at the entry it reverses; an entry can be
     reversed once. Frozen accounts may be reversed into or out of; closed
-    ones may not.
+    ones may not. A reversed transfer or P2P payment gets status
+    ``reversed`` and the reversing movement's id. A card payment gives back
+    only what its refunds have not (refused when refunded in full), under
+    the card's lock; an investment order is refused (its holding would not
+    follow: the opposite order is the way back).
     """
     return _LEDGER.reverse(_uuid(entry_id, "entry_id"), uuid.uuid4(),
                               description or "Reversal")
@@ -189,7 +196,11 @@ def card_payment(user_id, card_id, amount, *, merchant_name, merchant_category, 
 
 
 def card_refund(user_id, payment_entry_id, amount, *, description=None):
-    """Give back up to the rest of a card payment; each refund entry points at it."""
+    """Give back up to the rest of a card payment; each refund entry points at it.
+
+    A reversed payment cannot be refunded (PaymentReversed), and a frozen
+    account takes no refund (AccountNotActive).
+    """
     _check_amount(amount)
     return _LEDGER.card_refund(uuid.uuid4(), _uuid(user_id, "user_id"),
                                   _uuid(payment_entry_id, "payment_id"), amount,
@@ -197,7 +208,12 @@ def card_refund(user_id, payment_entry_id, amount, *, description=None):
 
 
 def buy(user_id, account_id, symbol, quantity):
-    """Buy ``quantity`` of ``symbol`` at the current price with cash from an investment account."""
+    """Buy ``quantity`` of ``symbol`` at the current price with cash from an investment account.
+
+    The cash leg is quantity x price rounded UP to the minor unit (sells round
+    down): rounding is in the house's favour, so no sequence of orders can
+    make money out of it. It may not exceed MAX_MINOR_UNITS (AmountError).
+    """
     return _trade(user_id, account_id, symbol, quantity, True)
 
 
@@ -272,7 +288,12 @@ def verify():
     2. each movement's entries sum to zero, and every transfer and P2P payment
        has exactly two entries of equal amount and opposite direction;
     3. every currency sums to zero over all accounts;
-    4. no customer balance is below its overdraft limit.
+    4. no customer balance is below its overdraft limit;
+    5. a transfer or P2P payment is ``reversed`` exactly when a reversing
+       movement (its ``reversal_id``) undoes its entries;
+    6. each holding's quantity is what the trades on its account and symbol
+       bought less what they sold, and its cost basis lies between zero
+       (zero when nothing is held) and what those buys paid.
     """
     problems = []
     signed = "CASE t.direction WHEN 'inbound' THEN t.amount ELSE -t.amount END"
@@ -292,11 +313,43 @@ def verify():
                 f"SUM(CASE WHEN t.direction = 'outbound' AND t.amount = m.amount THEN 1 ELSE 0 END) "
                 f"FROM {table} m LEFT JOIN transactions t "
                 f"ON t.{column} = m.id AND t.movement_id = m.id "
-                f"WHERE m.status = 'completed' GROUP BY m.id "
+                f"WHERE m.status IN ('completed', 'reversed') GROUP BY m.id "
                 f"HAVING COUNT(t.id) <> 2 OR SUM(CASE WHEN t.direction = 'inbound' "
                 f"AND t.amount = m.amount THEN 1 ELSE 0 END) <> 1"):
             problems.append(f"{table} {row_id}: {count} entries ({inbound or 0} in, "
                             f"{outbound or 0} out), expected one of each for its amount")
+    for table in ("transfers", "p2p_transactions"):
+        # A reversed movement's own two entries are each reversed by its
+        # reversal_id; a completed one's by nothing.
+        for row_id, status, undone in db.execute_sql(
+                f"SELECT m.id, m.status, COUNT(r.id) FROM {table} m "
+                f"JOIN transactions o ON o.movement_id = m.id "
+                f"LEFT JOIN transactions r ON r.reverses_id = o.id "
+                f"WHERE m.status IN ('completed', 'reversed') GROUP BY m.id, m.status "
+                f"HAVING CASE m.status WHEN 'reversed' THEN COUNT(r.id) <> 2 OR COUNT(r.id) "
+                f"FILTER (WHERE r.movement_id = m.reversal_id) <> 2 ELSE COUNT(r.id) <> 0 END"):
+            problems.append(f"{table} {row_id}: status {status} but {undone} of its entries "
+                            "reversed by its reversal")
+    for holding_id, quantity, traded, basis, bought in db.execute_sql(
+            "SELECT i.id, i.quantity, COALESCE(t.traded, 0), i.cost_basis, "
+            "COALESCE(t.bought, 0) FROM investments i LEFT JOIN ("
+            "SELECT account_id, symbol, "
+            "SUM(CASE type WHEN 'investment_buy' THEN quantity ELSE -quantity END) AS traded, "
+            "SUM(CASE type WHEN 'investment_buy' THEN amount ELSE 0 END) AS bought "
+            "FROM transactions WHERE symbol IS NOT NULL GROUP BY account_id, symbol) t "
+            "ON t.account_id = i.account_id AND t.symbol = i.symbol "
+            "WHERE i.quantity <> COALESCE(t.traded, 0) OR i.cost_basis < 0 "
+            "OR i.cost_basis > COALESCE(t.bought, 0) OR (i.quantity = 0 AND i.cost_basis <> 0)"):
+        problems.append(f"holding {holding_id}: quantity {quantity} and cost basis {basis}, "
+                        f"but its trades net {traded} for {bought} paid")
+    for account_id, symbol, traded in db.execute_sql(
+            "SELECT t.account_id, t.symbol, "
+            "SUM(CASE t.type WHEN 'investment_buy' THEN t.quantity ELSE -t.quantity END) "
+            "FROM transactions t WHERE t.symbol IS NOT NULL AND NOT EXISTS ("
+            "SELECT 1 FROM investments i WHERE i.account_id = t.account_id "
+            "AND i.symbol = t.symbol) GROUP BY t.account_id, t.symbol"):
+        problems.append(f"account {account_id}: trades of {symbol} net {traded} "
+                        "but there is no holding")
     for currency, total in db.execute_sql(
             "SELECT currency, SUM(balance) FROM accounts GROUP BY currency "
             "HAVING SUM(balance) <> 0"):

@@ -30,7 +30,10 @@ CARD_TYPES = ("debit", "credit", "prepaid")
 CARD_STATUSES = ("active", "inactive", "blocked", "expired", "cancelled")
 INVESTMENT_TYPES = ("stock", "etf", "bond", "mutual_fund", "crypto")
 CARD_CHANNELS = ("online", "contactless", "chip")
-MOVEMENT_STATUSES = ("pending", "completed", "failed", "cancelled")
+# A reversed transfer or P2P payment completed once and was undone by the
+# reversing movement its reversal_id names.
+MOVEMENT_STATUSES = ("pending", "completed", "failed", "cancelled", "reversed")
+TRADE_ENTRY_TYPES = ("investment_buy", "investment_sell")
 
 
 def _in(column, values):
@@ -201,6 +204,8 @@ class Transfer(BaseModel):
                           constraints=[SQL("DEFAULT 'completed'")])
     created_at = UTCDateTimeField(constraints=_now())
     completed_at = UTCDateTimeField(null=True)
+    # The movement id of the reversing pair, once reversed.
+    reversal_id = pw.UUIDField(null=True)
 
     class Meta:
         table_name = "transfers"
@@ -211,7 +216,8 @@ class Transfer(BaseModel):
             _currency_check("transfers"),
             _check("transfers_status", _in("status", MOVEMENT_STATUSES)),
             _check("transfers_completed_at",
-                   "(status = 'completed') = (completed_at IS NOT NULL)"),
+                   "(status IN ('completed', 'reversed')) = (completed_at IS NOT NULL)"),
+            _check("transfers_reversal", "(status = 'reversed') = (reversal_id IS NOT NULL)"),
         ]
         indexes = (
             (("user", "created_at"), False),
@@ -232,6 +238,8 @@ class P2PTransaction(BaseModel):
                           constraints=[SQL("DEFAULT 'completed'")])
     created_at = UTCDateTimeField(constraints=_now())
     completed_at = UTCDateTimeField(null=True)
+    # The movement id of the reversing pair, once reversed.
+    reversal_id = pw.UUIDField(null=True)
 
     class Meta:
         table_name = "p2p_transactions"
@@ -241,7 +249,9 @@ class P2PTransaction(BaseModel):
             _check("p2p_amount_positive", "amount > 0"),
             _currency_check("p2p_transactions"),
             _check("p2p_status", _in("status", MOVEMENT_STATUSES)),
-            _check("p2p_completed_at", "(status = 'completed') = (completed_at IS NOT NULL)"),
+            _check("p2p_completed_at",
+                   "(status IN ('completed', 'reversed')) = (completed_at IS NOT NULL)"),
+            _check("p2p_reversal", "(status = 'reversed') = (reversal_id IS NOT NULL)"),
         ]
         indexes = (
             (("sender", "created_at"), False),
@@ -282,6 +292,10 @@ class Transaction(BaseModel):
     # A refund points at the card payment it gives money back for; several
     # partial refunds may point at one payment (never more than its amount).
     refund_of = pw.ForeignKeyField("self", null=True, backref="refunds", on_delete="RESTRICT")
+    # A trade's customer-side entry: what it bought or sold, so the holdings
+    # can be checked against the trades that made them (ledger.verify).
+    symbol = pw.CharField(max_length=12, null=True)
+    quantity = pw.DecimalField(max_digits=24, decimal_places=8, auto_round=False, null=True)
 
     class Meta:
         table_name = "transactions"
@@ -292,6 +306,10 @@ class Transaction(BaseModel):
             _currency_check("transactions"),
             _check("transactions_status", _in("status", ENTRY_STATUSES)),
             _check("transactions_not_self_reversal", "reverses_id IS NULL OR reverses_id <> id"),
+            _check("transactions_trade",
+                   f"(quantity IS NOT NULL) = ({_in('type', TRADE_ENTRY_TYPES)}) "
+                   "AND (symbol IS NOT NULL) = (quantity IS NOT NULL) "
+                   "AND (quantity IS NULL OR quantity > 0)"),
         ]
         indexes = (
             # History pages: newest first within one account, keyset on (created_at, id).

@@ -155,9 +155,9 @@ def format_amount(minor, currency):
 def round_to_minor(value, currency):
     """Round a Decimal amount of major units to minor units.
 
-    The one rounding rule for cash legs derived from prices and quantities:
-    banker's rounding (ROUND_HALF_EVEN), so over many trades it is biased
-    neither for nor against the customer.
+    Banker's rounding (ROUND_HALF_EVEN). NOTE: not the rule for a trade's
+    cash leg any more: the ledger functions (migration 004) round those in
+    the house's favour, a buy up and a sell down.
     """
     cur = currency if isinstance(currency, Currency) else get_currency(currency)
     if isinstance(value, (float, bool)):

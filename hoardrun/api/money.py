@@ -91,6 +91,15 @@ class P2PIn(BaseModel):
     note: str | None = Field(None, max_length=movements.DESCRIPTION_MAX)
 
 
+class MovementReversalOut(BaseModel):
+    """The movement that undid a transfer or P2P payment (status ``reversed``)."""
+
+    movement_id: uuid.UUID
+    transaction_id: uuid.UUID = Field(description="The reversing entry on my account "
+                                                  "(GET /transactions/{id})")
+    reversed_at: datetime
+
+
 class TransferOut(BaseModel):
     id: uuid.UUID
     reference: str
@@ -103,6 +112,7 @@ class TransferOut(BaseModel):
     status: Literal[MOVEMENT_STATUSES]
     created_at: datetime
     completed_at: datetime | None
+    reversal: MovementReversalOut | None = Field(description="Set when status is reversed")
 
 
 class TransferList(BaseModel):
@@ -124,6 +134,7 @@ class P2POut(BaseModel):
     status: Literal[MOVEMENT_STATUSES]
     created_at: datetime
     completed_at: datetime | None
+    reversal: MovementReversalOut | None = Field(description="Set when status is reversed")
 
 
 class P2PList(BaseModel):
@@ -152,12 +163,19 @@ class P2PQuery(BaseModel):
 # --------------------------------------------------------------------------
 # Rendering
 
+def render_reversal(r):
+    if r is None:
+        return None
+    return {"movement_id": r.movement_id, "transaction_id": r.entry_id,
+            "reversed_at": r.reversed_at}
+
+
 def render_transfer(t):
     return {"id": t.id, "reference": t.reference, "from_account_id": t.from_account_id,
             "to_account_id": t.to_account_id, "amount": format_amount(t.amount, t.currency),
             "currency": t.currency, "fee": format_amount(t.fee, t.currency),
             "description": t.description, "status": t.status, "created_at": t.created_at,
-            "completed_at": t.completed_at}
+            "completed_at": t.completed_at, "reversal": render_reversal(t.reversal)}
 
 
 def render_payment(p):
@@ -165,7 +183,7 @@ def render_payment(p):
             "account_id": p.account_id, "counterparty": render_counterparty(p.counterparty),
             "amount": format_amount(p.amount, p.currency), "currency": p.currency,
             "note": p.note, "status": p.status, "created_at": p.created_at,
-            "completed_at": p.completed_at}
+            "completed_at": p.completed_at, "reversal": render_reversal(p.reversal)}
 
 
 # --------------------------------------------------------------------------
