@@ -148,3 +148,13 @@ class NotInvestmentAccount(LedgerError):
 
 class OrderTooSmall(LedgerError):
     code, title = "order-too-small", "Order is worth less than one minor unit"
+
+
+class InvalidCode(ValidationError):
+    """A verification code or reset token that is wrong, expired, used or spent."""
+
+    code, title = "invalid-code", "Invalid or expired code"
+
+
+class EmailNotVerified(Forbidden):
+    code, title = "email-not-verified", "Email address not verified"
