@@ -40,7 +40,8 @@ DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/hoardrun_bench"
 SECRET = "bench-secret-key-" + "k" * 40
 CARD_KEY = "YmVuY2gtY2FyZC1rZXktMDAwMDAwMDAwMDAwMDAwMDA="
 # Production settings need SMTP; the bench never sends mail (no route it drives queues any).
-MAIL_ENV = {"HOARDRUN_SMTP_URL": "smtp://127.0.0.1:2525", "HOARDRUN_MAIL_FROM": "no-reply@bench.hoardrun.test"}
+MAIL_ENV = {"HOARDRUN_SMTP_URL": "smtp://127.0.0.1:2525",
+            "HOARDRUN_MAIL_FROM": "no-reply@bench.hoardrun.test"}
 SCENARIOS = ("health", "health_database", "account", "transfer", "p2p", "history_first",
              "history_deep", "statement")
 SCALING_SIZES = (10_000, 100_000, 1_000_000)

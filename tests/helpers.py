@@ -97,7 +97,7 @@ def make_user(client=None, *, role="user", status="active", email=None, password
             User.update(role=role, status=status).where(User.id == user_id).execute()
         token = login_token(client, email, password) if status == "active" else \
             auth.issue_token(user_id)[0]
-        profile = result.json
+        profile = {**result.json, "email_verified": verified}
     else:
         values = {"first_name": "Jane", "last_name": "Doe", **fields}
         user = User.create(email=email, password_hash=password_hash(password), role=role,
