@@ -527,6 +527,33 @@ def rotate_keys(c):
           "can now be removed from HOARDRUN_CARD_ENCRYPTION_KEYS")
 
 
+@task(help={"limit": "how many of the latest messages to show (default 10)"})
+def outbox(c, limit=10):
+    """Show the latest outbox messages: status, attempts, recipient, subject and body."""
+    with _database() as (settings, database):
+        from hoardrun import mail
+
+        _require_migrated(database)
+        mailer = mail.Mailer.from_settings(settings)
+        rows = mail.outbox(max(1, int(limit)))
+    if not rows:
+        print("the outbox is empty")
+    for row in rows:
+        print(f"--- {row['created_at']:%Y-%m-%d %H:%M:%S}Z  {row['status']}  "
+              f"attempts {row['attempts']}  id {row['id']}")
+        print(f"To: {row['recipient']}\nSubject: {row['subject']}")
+        if row["last_error"]:
+            print(f"Last error: {row['last_error']}")
+        if settings.is_production:
+            # Bodies hold codes and reset tokens: not for an operator's terminal.
+            print("(body not shown in production)")
+        elif row["body"] is None:
+            print("(body erased after delivery)")
+        else:
+            print("\n" + (mailer.open(row["body"]) or "(body cannot be decrypted with the "
+                                                     "configured keys)"))
+
+
 @task(name="set", positional=["symbol", "price"], help={
     "symbol": "the ticker, e.g. AAPL (upper-cased)",
     "price": "the price of one unit, a decimal with at most 8 places, e.g. 190.25",
@@ -635,3 +662,4 @@ ns = Collection(test, serve, bench)
 ns.add_collection(db)
 ns.add_collection(Collection("cards", rotate_keys))
 ns.add_collection(Collection("prices", set_price))
+ns.add_collection(Collection("mail", outbox))

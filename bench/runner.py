@@ -39,6 +39,9 @@ RESULTS_DIR = ROOT / "bench" / "results"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/hoardrun_bench"
 SECRET = "bench-secret-key-" + "k" * 40
 CARD_KEY = "YmVuY2gtY2FyZC1rZXktMDAwMDAwMDAwMDAwMDAwMDA="
+# Production settings need SMTP; the bench never sends mail (no route it drives queues any).
+MAIL_ENV = {"HOARDRUN_SMTP_URL": "smtp://127.0.0.1:2525",
+            "HOARDRUN_MAIL_FROM": "no-reply@bench.hoardrun.test"}
 SCENARIOS = ("health", "health_database", "account", "transfer", "p2p", "history_first",
              "history_deep", "statement")
 SCALING_SIZES = (10_000, 100_000, 1_000_000)
@@ -110,7 +113,8 @@ def server_environ(url):
     """The environment the bench server runs with: production settings, pinned secrets."""
     env = dict(os.environ)
     env.update({"DATABASE_URL": url, "HOARDRUN_ENV": "production",
-                "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY})
+                "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY,
+                **MAIL_ENV})
     return env
 
 
@@ -317,7 +321,7 @@ def run(*, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entr
     recreate_database(url)
     settings = load_settings({"DATABASE_URL": url, "HOARDRUN_ENV": "production",
                               "HOARDRUN_SECRET_KEY": SECRET,
-                              "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY})
+                              "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY, **MAIL_ENV})
     database = dbm.init_db(settings)
     schema.migrate(database)
     seeded = seed.seed(url, users=users, accounts=accounts, entries=entries)

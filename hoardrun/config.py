@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field, fields, replace
+from email.utils import parseaddr
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,6 +43,11 @@ DEFAULT_IDEMPOTENCY_TTL = 7 * 24 * 3600
 MIN_IDEMPOTENCY_TTL = 24 * 3600
 DEFAULT_METRICS = False
 MIN_METRICS_TOKEN = 32
+SMTP_SCHEMES = ("smtp", "smtps")
+DEFAULT_SMTP_TIMEOUT = 10.0
+DEFAULT_MAIL_FROM = "HoardRun <no-reply@hoardrun.localhost>"
+DEFAULT_VERIFICATION_TTL = 24 * 3600
+DEFAULT_RESET_TTL = 3600
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -80,6 +86,13 @@ class Settings:
     metrics_multiproc_dir: str | None = None
     secret_key: str = field(default="", repr=False)
     card_keys: tuple = field(default=(), repr=False)
+    # None outside production: mail goes to the development outbox instead.
+    smtp_url: str | None = field(default=None, repr=False)
+    smtp_timeout: float = DEFAULT_SMTP_TIMEOUT
+    smtp_ca_file: str | None = None
+    mail_from: str = DEFAULT_MAIL_FROM
+    verification_ttl: int = DEFAULT_VERIFICATION_TTL
+    reset_ttl: int = DEFAULT_RESET_TTL
 
     @property
     def is_production(self):
@@ -103,6 +116,7 @@ class Settings:
         # traceback that shows the settings; secrets are left out entirely.
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
         values["database_url"] = mask_url(self.database_url)
+        values["smtp_url"] = None if self.smtp_url is None else mask_url(self.smtp_url)
         return "Settings({})".format(", ".join(f"{k}={v!r}" for k, v in values.items()))
 
 
@@ -211,6 +225,43 @@ def _database_url(environ, env):
     return raw, False
 
 
+def _smtp_url(environ, env):
+    raw = (environ.get("HOARDRUN_SMTP_URL") or "").strip()
+    if not raw:
+        if env == "production":
+            raise ConfigError("HOARDRUN_SMTP_URL is not set: production requires "
+                              "smtp://user:password@host:587 (STARTTLS) or smtps://…:465")
+        return None
+    allowed = "smtp://[user:password@]host[:port] (STARTTLS) or smtps://… (implicit TLS)"
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+    if scheme not in SMTP_SCHEMES:
+        raise _bad("HOARDRUN_SMTP_URL", raw, allowed)
+    raw = scheme + raw[len(scheme):]
+    parts = urlsplit(raw)
+    try:
+        port = parts.port
+    except ValueError:
+        raise _bad("HOARDRUN_SMTP_URL", raw, "a port between 1 and 65535") from None
+    if not parts.hostname or port == 0 or parts.path.strip("/") or parts.query:
+        raise _bad("HOARDRUN_SMTP_URL", raw, allowed)
+    return raw
+
+
+def _mail_from(environ, env):
+    raw = (environ.get("HOARDRUN_MAIL_FROM") or "").strip()
+    if not raw:
+        if env == "production":
+            raise ConfigError("HOARDRUN_MAIL_FROM is not set: production requires the sender "
+                              "address, e.g. 'HoardRun <no-reply@example.com>'")
+        return DEFAULT_MAIL_FROM
+    _, address = parseaddr(raw)
+    if ("@" not in address or any(c in raw for c in "\r\n")
+            or not address.split("@", 1)[1] or not address.split("@", 1)[0]):
+        raise _bad("HOARDRUN_MAIL_FROM", raw,
+                   "an address such as 'HoardRun <no-reply@example.com>'")
+    return raw
+
+
 def _origins(environ):
     raw = environ.get("HOARDRUN_CORS_ORIGINS", "")
     origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
@@ -290,6 +341,8 @@ def load_settings(environ=None):
         if not card_raw:
             raise ConfigError("HOARDRUN_CARD_ENCRYPTION_KEYS is not set: production "
                               "requires at least one card-encryption key")
+    smtp_url = _smtp_url(environ, env)
+    mail_from = _mail_from(environ, env)
     if not secret_key or not card_raw:
         file_secret, file_card = _development_secrets(
             environ.get("HOARDRUN_SECRETS_FILE") or DEFAULT_SECRETS_FILE)
@@ -341,5 +394,13 @@ def load_settings(environ=None):
         metrics_multiproc_dir=multiproc_dir if metrics else None,
         secret_key=secret_key,
         card_keys=_card_keys(card_raw, "HOARDRUN_CARD_ENCRYPTION_KEYS"),
+        smtp_url=smtp_url,
+        smtp_timeout=_float(environ, "HOARDRUN_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT,
+                            minimum=0.1),
+        smtp_ca_file=environ.get("HOARDRUN_SMTP_CA_FILE") or None,
+        mail_from=mail_from,
+        verification_ttl=_int(environ, "HOARDRUN_VERIFICATION_TTL", DEFAULT_VERIFICATION_TTL,
+                              minimum=60),
+        reset_ttl=_int(environ, "HOARDRUN_RESET_TTL", DEFAULT_RESET_TTL, minimum=60),
     )
     return settings

@@ -156,3 +156,13 @@ class OrderTooSmall(LedgerError):
 
 class BackupError(HoardRunError):
     code, status, title = "backup-error", 500, "Backup or restore failed"
+
+
+class InvalidCode(ValidationError):
+    """A verification code or reset token that is wrong, expired, used or spent."""
+
+    code, title = "invalid-code", "Invalid or expired code"
+
+
+class EmailNotVerified(Forbidden):
+    code, title = "email-not-verified", "Email address not verified"

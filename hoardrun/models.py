@@ -34,6 +34,8 @@ CARD_CHANNELS = ("online", "contactless", "chip")
 # reversing movement its reversal_id names.
 MOVEMENT_STATUSES = ("pending", "completed", "failed", "cancelled", "reversed")
 TRADE_ENTRY_TYPES = ("investment_buy", "investment_sell")
+EMAIL_CODE_PURPOSES = ("verify_email", "reset_password")
+MAIL_STATUSES = ("pending", "sent", "failed")
 
 
 def _in(column, values):
@@ -70,6 +72,8 @@ class User(BaseModel):
     last_login_at = UTCDateTimeField(null=True)
     created_at = UTCDateTimeField(constraints=_now())
     updated_at = UTCDateTimeField(constraints=_now())
+    # A new address the user asked for; it replaces ``email`` only once verified.
+    pending_email = pw.CharField(max_length=254, null=True)
 
     class Meta:
         table_name = "users"
@@ -92,6 +96,9 @@ class User(BaseModel):
                    " AND substr(country, 1, 1) BETWEEN 'A' AND 'Z'"
                    " AND substr(country, 2, 1) BETWEEN 'A' AND 'Z')"),
             _check("users_failed_logins", "failed_logins >= 0"),
+            _check("users_pending_email",
+                   "pending_email IS NULL OR (pending_email <> email AND length(pending_email) >= 3"
+                   " AND pending_email <> replace(pending_email, '@', ''))"),
         ]
 
 
@@ -433,6 +440,65 @@ class AuditLog(BaseModel):
         )
 
 
+class EmailCode(BaseModel):
+    """A verification code or reset token sent to ``email``, stored only as a keyed hash."""
+
+    id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
+    user = pw.ForeignKeyField(User, backref="email_codes", on_delete="CASCADE")
+    purpose = pw.CharField(max_length=16)
+    email = pw.CharField(max_length=254)
+    code_hash = pw.CharField(max_length=64, unique=True)
+    attempts = pw.SmallIntegerField(default=0, constraints=[SQL("DEFAULT 0")])
+    created_at = UTCDateTimeField(constraints=_now())
+    expires_at = UTCDateTimeField()
+    used_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "email_codes"
+        constraints = [
+            _check("email_codes_purpose", _in("purpose", EMAIL_CODE_PURPOSES)),
+            _check("email_codes_hash_hex", "length(code_hash) = 64"),
+            _check("email_codes_attempts", "attempts >= 0"),
+            _check("email_codes_expiry", "expires_at > created_at"),
+        ]
+        indexes = (
+            (("user", "purpose", "created_at"), False),
+        )
+
+
+class MailOutbox(BaseModel):
+    """A message waiting for (or done with) delivery; the body is encrypted."""
+
+    id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
+    recipient = pw.CharField(max_length=254)
+    subject = pw.CharField(max_length=200)
+    body = pw.TextField(null=True)
+    status = pw.CharField(max_length=8, default="pending",
+                          constraints=[SQL("DEFAULT 'pending'")])
+    attempts = pw.SmallIntegerField(default=0, constraints=[SQL("DEFAULT 0")])
+    last_error = pw.CharField(max_length=500, null=True)
+    created_at = UTCDateTimeField(constraints=_now())
+    next_attempt_at = UTCDateTimeField(constraints=_now())
+    sent_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "mail_outbox"
+        constraints = [
+            _check("mail_outbox_status", _in("status", MAIL_STATUSES)),
+            _check("mail_outbox_attempts", "attempts >= 0"),
+            _check("mail_outbox_sent_at", "(status = 'sent') = (sent_at IS NOT NULL)"),
+        ]
+        indexes = (
+            (("created_at",), False),
+        )
+
+
+# What the sender polls: only undelivered mail, by when it is due.
+MailOutbox.add_index(MailOutbox.index(MailOutbox.next_attempt_at,
+                                      where=(MailOutbox.status == "pending"),
+                                      name="mail_outbox_due"))
+
+
 #: Every model, in dependency order (create in this order, drop reversed).
 MODELS = (User, Account, Card, Transfer, P2PTransaction, Transaction, Investment,
-          InstrumentPrice, AuthToken, IdempotencyKey, AuditLog)
+          InstrumentPrice, AuthToken, IdempotencyKey, AuditLog, EmailCode, MailOutbox)

@@ -128,9 +128,9 @@ def transfer(user_id, from_account_id, to_account_id, amount, *, currency=None,
 def find_recipient(sender_id, *, email=None, user_id=None):
     """``(user_id, display name, primary account id or None)`` of an active user.
 
-    Exactly one of ``email`` / ``user_id``. Unknown, inactive and
+    Exactly one of ``email`` / ``user_id``. Unknown, inactive, unverified and
     not-a-customer recipients are all the same NotFound; paying yourself is
-    SameAccount.
+    SameAccount; a sender whose email is not verified is EmailNotVerified.
     """
     if (email is None) == (user_id is None):
         raise errors.ValidationError("give the recipient's email or user_id (one of them)",
@@ -145,12 +145,21 @@ def find_recipient(sender_id, *, email=None, user_id=None):
         except errors.NotFound:
             raise errors.NotFound("recipient not found", field="recipient") from None
         condition = "u.id = %s"
-    row = db.execute_sql(
-        "SELECT u.id, u.first_name, u.last_name, a.id FROM users u "
-            "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
-            f"WHERE {condition} AND u.status = 'active'",
-        (True, value)).fetchone()
-    if row is None:
+    # One statement from the sender's row: whether they may pay at all is
+    # decided before anything about the recipient, so an unverified sender
+    # learns nothing about who exists. Only a verified address receives:
+    # an unverified one (a squatter's) is the same 404 as an unknown one.
+    sender = db.execute_sql(
+        "SELECT s.email_verified, u.id, u.first_name, u.last_name, a.id FROM users s "
+        "LEFT JOIN users u ON " + condition + " AND u.status = 'active' AND u.email_verified "
+        "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
+        "WHERE s.id = %s",
+        (value, True, uuid.UUID(str(sender_id)).hex)).fetchone()
+    if sender is None or not sender[0]:
+        raise errors.EmailNotVerified("verify your email address before sending payments "
+                                      "(POST /api/v1/auth/verify-email)")
+    row = sender[1:]
+    if row[0] is None:
         raise errors.NotFound("recipient not found", field="recipient")
     recipient = uuid.UUID(str(row[0]))
     if recipient == sender_id:

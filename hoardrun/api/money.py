@@ -351,12 +351,15 @@ class P2PPayments:
                       "next_cursor": page.next_cursor}
 
     @spec.validate(json=P2PIn, headers=IdempotencyHeaders,
-                   resp=Response(HTTP_201=P2POut, **_POST_RESPONSES),
+                   resp=Response(HTTP_201=P2POut, HTTP_403=Problem, **_POST_RESPONSES),
                    security=BEARER, tags=TAGS)
     def on_post(self, req, resp):
         """Pay another user (by email or user id) into their primary account.
 
         Same currency only; paying yourself is refused (``same-account``).
+        Both sides need a verified email: an unverified sender gets 403
+        ``email-not-verified``; an unverified recipient is the same 404 as an
+        unknown one.
         """
         body = req.context.json
         email, user_id = _recipient(body)

@@ -156,7 +156,9 @@ def test_development_start_applies_pending_migrations(empty_url):
 
 
 def test_production_start_reports_pending_migrations_without_applying(empty_url, caplog):
-    settings = load_settings(base_environ(empty_url, HOARDRUN_ENV="production"))
+    settings = load_settings(base_environ(empty_url, HOARDRUN_ENV="production",
+                                          HOARDRUN_SMTP_URL="smtp://127.0.0.1:2525",
+                                          HOARDRUN_MAIL_FROM="no-reply@example.com"))
     database = dbm.init_db(settings)
     caplog.set_level("INFO", logger="hoardrun.serve")
     try:

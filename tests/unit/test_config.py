@@ -21,7 +21,9 @@ def env(tmp_path):
 @pytest.fixture
 def prod():
     return {"HOARDRUN_ENV": "production", "DATABASE_URL": PG,
-            "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY}
+            "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY,
+            "HOARDRUN_SMTP_URL": "smtp://mailer:M4ilS3cret@smtp.internal:587",
+            "HOARDRUN_MAIL_FROM": "HoardRun <no-reply@example.com>"}
 
 
 def test_defaults_match_the_design(env):
@@ -127,6 +129,15 @@ BAD = [
     ("HOARDRUN_IDEMPOTENCY_TTL", "3600", ["integer >= 86400"]),
     ("HOARDRUN_IDEMPOTENCY_TTL", "7d", ["integer >= 86400"]),
     ("HOARDRUN_METRICS", "sometimes", ["true", "false"]),
+    ("HOARDRUN_SMTP_URL", "mail.example.com:587", ["smtp://", "STARTTLS", "smtps://"]),
+    ("HOARDRUN_SMTP_URL", "http://mail.example.com", ["smtp://", "smtps://"]),
+    ("HOARDRUN_SMTP_URL", "smtp://:587", ["smtp://"]),
+    ("HOARDRUN_SMTP_URL", "smtp://mail.example.com:99999", ["port"]),
+    ("HOARDRUN_SMTP_URL", "smtp://mail.example.com/path", ["smtp://"]),
+    ("HOARDRUN_SMTP_TIMEOUT", "0", ["seconds >= 0.1"]),
+    ("HOARDRUN_MAIL_FROM", "nobody", ["address"]),
+    ("HOARDRUN_VERIFICATION_TTL", "5", ["integer >= 60"]),
+    ("HOARDRUN_RESET_TTL", "soon", ["integer >= 60"]),
 ]
 
 
@@ -137,7 +148,7 @@ def test_bad_value_is_one_line_naming_variable_value_and_what_is_allowed(env, na
         load_settings(dict(env, **{name: value}))
     message = str(info.value)
     assert "\n" not in message
-    shown = mask_url(value) if name == "DATABASE_URL" else value  # URLs shown masked
+    shown = mask_url(value) if name.endswith("_URL") else value  # URLs shown masked
     assert name in message and repr(shown) in message
     for word in allowed:
         assert word in message
@@ -172,6 +183,9 @@ def test_production_settings_load(prod):
     ({"HOARDRUN_CARD_ENCRYPTION_KEYS": None}, "HOARDRUN_CARD_ENCRYPTION_KEYS", "card"),
     ({"HOARDRUN_CARD_ENCRYPTION_KEYS": "not-a-key"}, "HOARDRUN_CARD_ENCRYPTION_KEYS",
      "32 bytes"),
+    ({"HOARDRUN_SMTP_URL": None}, "HOARDRUN_SMTP_URL", "smtp://"),
+    ({"HOARDRUN_SMTP_URL": " "}, "HOARDRUN_SMTP_URL", "smtps://"),
+    ({"HOARDRUN_MAIL_FROM": None}, "HOARDRUN_MAIL_FROM", "sender"),
 ])
 def test_production_refuses_to_start_without_what_it_needs(prod, tmp_path, change, variable,
                                                            says):

@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hoardrun"
 LAYERS = (
     ("api", {"api"}),
     ("services", {"accounts", "admin", "auth", "cards", "health", "history", "idempotency",
-                  "investments", "movements", "users", "sample", "backup"}),
+                  "investments", "movements", "users", "sample", "backup", "verification"}),
     ("ledger", {"ledger"}),
-    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text"}),
+    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail"}),
     ("db", {"db", "embedded"}),
     ("base", {"config", "errors", "money", "__init__"}),
 )
