@@ -31,7 +31,7 @@ from . import prices as prices_routes
 from . import transactions as transactions_routes
 from . import users as users_routes
 from .auth import Authentication
-from .middleware import RequestContext, new_request_id
+from .middleware import CORS, RequestContext, new_request_id
 
 
 def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
@@ -54,9 +54,8 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
         # Falcon's CORS: answers preflight OPTIONS and adds the allow headers
         # for listed origins only; X-Request-ID is exposed to browser code.
         origins = "*" if "*" in settings.cors_origins else list(settings.cors_origins)
-        middleware.insert(0, falcon.CORSMiddleware(allow_origins=origins,
-                                                   expose_headers=["X-Request-ID",
-                                                                   "Retry-After"]))
+        middleware.insert(0, CORS(allow_origins=origins,
+                                  expose_headers=["X-Request-ID", "Retry-After"]))
     app = falcon.App(middleware=middleware)
     media.configure(app)
     problems.install(app)
