@@ -6,7 +6,9 @@
   ``[A-Za-z0-9._-]``), otherwise makes one (uuid4 hex); it is
   ``req.context.request_id``, echoed in the response and in the log line;
 * refuses a body larger than ``settings.max_body_bytes`` with 413 from its
-  declared length, before anyone reads it;
+  declared length, and a body without ``Content-Type`` with 415, before
+  anyone reads it (guessing JSON for an unlabelled body lets a form or a
+  text body of a cross-site request be read as a money movement);
 * after the response (also on errors): hands this thread's database
   connection back to the pool if the request used one, and logs one line
   (method, path, status, duration, request id; never the query string,
@@ -76,6 +78,11 @@ class RequestContext:
             raise falcon.HTTPContentTooLarge(
                 description=f"The request body is {length} bytes; the limit is "
                             f"{self.max_body_bytes} bytes.")
+        has_body = bool(length) or req.get_header("Transfer-Encoding") is not None
+        if has_body and not req.content_type:
+            raise falcon.HTTPUnsupportedMediaType(
+                description="The request has a body but no Content-Type: send it as "
+                            "application/json.")
 
     def process_response(self, req, resp, resource, req_succeeded):
         try:
