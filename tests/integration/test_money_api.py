@@ -307,7 +307,8 @@ def test_every_recipient_who_cannot_be_paid_gets_one_identical_answer(client, ja
     homeless = make_user()  # registered, no account at all
     closed_user = make_user()
     closed = open_account(client, closed_user)
-    Account.update(status="closed").where(Account.id == closed["id"]).execute()
+    ok(client.simulate_post(f"{API}/accounts/{closed['id']}/close", headers=closed_user.headers),
+       200)
     frozen_user = make_user()
     frozen = open_account(client, frozen_user)
     Account.update(status="suspended").where(Account.id == frozen["id"]).execute()
@@ -320,7 +321,7 @@ def test_every_recipient_who_cannot_be_paid_gets_one_identical_answer(client, ja
         {"recipient_email": "nobody-at-all@example.com"},
         {"recipient": "nobody-at-all@example.com"},
         {"recipient_user_id": random_id()},
-        {"recipient_user_id": "not-even-an-id"},
+        {"recipient": "not-even-an-id"},
         {"recipient_email": homeless.email},
         {"recipient": str(homeless.id)},
         {"recipient_email": closed_user.email},
