@@ -19,6 +19,7 @@ the timing does not either.
 
 import math
 import threading
+import unicodedata
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -138,9 +139,28 @@ def logout(user_id, token, *, request_id=None, now=None):
 # --------------------------------------------------------------------------
 # Login
 
+# Dots a domain may be written with (NFKC already maps the fullwidth one).
+_DOMAIN_DOTS = str.maketrans({"\u3002": ".", "\uff61": "."})
+
+
 def normalise_email(email):
-    """Emails are compared and stored trimmed and lower-case."""
-    return email.strip().lower() if isinstance(email, str) else ""
+    """The one spelling of an address that is stored, unique and looked up.
+
+    Trimmed, NFKC-normalised and case-folded (so NFC and NFD spellings,
+    fullwidth letters and any letter case are one address), with the
+    domain's trailing dot (the DNS root, ``example.com.``) removed. Every
+    place that stores or finds a user by email goes through here.
+    """
+    if not isinstance(email, str):
+        return ""
+    text = unicodedata.normalize("NFKC", email.strip())
+    # casefold, then NFKC again (casefolding can un-normalise, e.g. U+0130),
+    # then lower: the stored form must pass the CHECK email = lower(email).
+    text = unicodedata.normalize("NFKC", text.casefold()).lower()
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return text
+    return f"{local}@{domain.translate(_DOMAIN_DOTS).rstrip('.')}"
 
 
 def _retry_after(locked_until, now):

@@ -16,6 +16,7 @@ import contextlib
 import uuid
 
 from . import audit, errors, history, ledger
+from .auth import normalise_email
 from .db import db
 from .ids import parse_id
 from .money import parse_amount
@@ -160,7 +161,7 @@ def find_recipient(sender_id, *, email=None, user_id=None, currency=None):
     if email is not None:
         if not isinstance(email, str):
             raise errors.ValidationError("email must be text", field="recipient_email")
-        condition, value = "u.email = ?", email.strip().lower()
+        condition, value = "u.email = ?", normalise_email(email)
     else:
         try:
             value = _id(user_id, "recipient_user_id").hex
