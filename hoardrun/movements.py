@@ -215,8 +215,15 @@ def p2p(user_id, amount, *, recipient_email=None, recipient_user_id=None,
         recipient, name, recipient_account = find_recipient(
             user_id, email=recipient_email, user_id=recipient_user_id,
             currency=source_currency)
-        posting = ledger.p2p_payment(user_id, source, recipient_account, minor,
-                                     currency=currency, note=note)
+        try:
+            posting = ledger.p2p_payment(user_id, source, recipient_account, minor,
+                                         currency=currency, note=note)
+        except errors.AccountNotActive as exc:
+            # Frozen or closed since find_recipient read it: the ledger's text
+            # names the recipient's account, which a sender must not learn.
+            if str(recipient_account) in exc.detail:
+                raise _no_recipient() from None
+            raise
         _movement_audit("p2p.create", "p2p", posting.movement_id, user_id, posting, request_id,
                         recipient_id=recipient)
     return history.Payment(

@@ -11,7 +11,7 @@ from money_helpers import (
     problem, random_id, transfer, withdraw,
 )
 
-from hoardrun import ledger
+from hoardrun import ledger, movements
 from hoardrun.models import Account, P2PTransaction, Transaction, Transfer, User
 
 
@@ -338,6 +338,27 @@ def test_every_recipient_who_cannot_be_paid_gets_one_identical_answer(client, ja
                         {k: v for k, v in body.items() if k != "request_id"}))
     assert all(answer == answers[0] for answer in answers), answers
     assert books() == before
+
+
+def test_a_recipient_frozen_after_the_lookup_gets_the_same_answer(client, jane, make_user,
+                                                                  monkeypatch):
+    """The ledger's own refusal names the recipient's account: it must not reach the sender."""
+    mine = open_account(client, jane)
+    deposit(client, jane, mine["id"], "10.00")
+    friend = make_user()
+    theirs = open_account(client, friend)
+    looked_up = movements.find_recipient
+
+    def then_frozen(*args, **kwargs):
+        found = looked_up(*args, **kwargs)
+        Account.update(status="suspended").where(Account.id == theirs["id"]).execute()
+        return found
+
+    monkeypatch.setattr(movements, "find_recipient", then_frozen)
+    body = problem(post_money(client, jane, "/p2p", {"recipient_email": friend.email,
+                                                     "amount": "1.00"}), 404, "not-found")
+    assert body["detail"] == movements.RECIPIENT_NOT_FOUND
+    assert theirs["id"] not in json.dumps(body)
 
 
 def test_p2p_without_a_primary_account_of_my_own_needs_a_source(client, jane, john):
