@@ -37,8 +37,10 @@ log = logging.getLogger("hoardrun.bench")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/hoardrun_bench"
-SECRET = "bench-secret-key-" + "k" * 40
-CARD_KEY = "YmVuY2gtY2FyZC1rZXktMDAwMDAwMDAwMDAwMDAwMDA="
+# Fixed random values: the bench runs with HOARDRUN_ENV=production, which
+# refuses placeholder secrets.
+SECRET = "Np7UbFHfs-E9edg-SqYFf3ESqOFUbw71SQ7o7qVgwylSwj4iM9weZNiDIFW-cVnh"
+CARD_KEY = "0VKJwLogMvbdgst_DX3hcdtPzhafMIb-mxIkdldV2aI="
 # Production settings need SMTP; the bench never sends mail (no route it drives queues any).
 MAIL_ENV = {"HOARDRUN_SMTP_URL": "smtp://127.0.0.1:2525",
             "HOARDRUN_MAIL_FROM": "no-reply@bench.hoardrun.test"}

@@ -286,6 +286,101 @@ def _card_keys(raw, name):
     return keys
 
 
+#: What a production secret must not look like (``weak_secret``).
+SECRET_MIN_LENGTH = 32
+SECRET_MIN_DISTINCT = 8
+CARD_KEY_MIN_DISTINCT_BYTES = 16
+# Words of a placeholder someone forgot to replace ("change-me", "my-secret").
+_PLACEHOLDER_WORDS = ("change", "secret", "password", "example", "placeholder", "default",
+                      "replace", "dummy", "sample")
+_SECRET_HINT = ('generate one with: python -c "import secrets; '
+                'print(secrets.token_urlsafe(48))"')
+_CARD_KEY_HINT = ('generate one with: python -c "from hoardrun.config import new_card_key; '
+                  'print(new_card_key())"')
+
+
+def _repeats_a_pattern(symbols, width):
+    # A random secret has (almost) no repeated ``width``-long window;
+    # "abcabcabc...", "x" * 40 or "key-key-key-" have many.
+    windows = [symbols[i:i + width] for i in range(len(symbols) - width + 1)]
+    return len(set(windows)) < 0.75 * len(windows)
+
+
+def _is_a_sequence(symbols):
+    # "abcdefgh...", "0123456789..." or a byte counter: the same step between
+    # most neighbours.
+    values = [ord(c) for c in symbols] if isinstance(symbols, str) else list(symbols)
+    steps = [b - a for a, b in zip(values, values[1:])]
+    same = sum(1 for a, b in zip(steps, steps[1:]) if a == b)
+    return same > len(steps) // 2
+
+
+def weak_secret(secret):
+    """Why the text ``secret`` is too weak for production, or None.
+
+    Not a strength meter: it refuses what is certainly not random (too
+    short, few distinct characters, a repeated or sequential pattern, a
+    placeholder word); a value from ``secrets.token_urlsafe(48)`` never trips it.
+    """
+    if len(secret) < SECRET_MIN_LENGTH:
+        return f"it is shorter than {SECRET_MIN_LENGTH} characters"
+    if len(set(secret)) < SECRET_MIN_DISTINCT:
+        return f"it has fewer than {SECRET_MIN_DISTINCT} distinct characters"
+    if _repeats_a_pattern(secret.lower(), 3):
+        return "it repeats a pattern"
+    if _is_a_sequence(secret):
+        return "it is a sequence of characters"
+    lowered = secret.lower()
+    for word in _PLACEHOLDER_WORDS:
+        if word in lowered:
+            return f"it looks like a placeholder (contains {word!r})"
+    return None
+
+
+def weak_card_key(key):
+    """Why the Fernet key ``key`` (already valid base64 of 32 bytes) is too weak, or None."""
+    raw = base64.urlsafe_b64decode(key.encode())
+    if len(set(raw)) < CARD_KEY_MIN_DISTINCT_BYTES:
+        return ("it is all zero bytes" if not any(raw)
+                else f"it has fewer than {CARD_KEY_MIN_DISTINCT_BYTES} distinct bytes")
+    if _repeats_a_pattern(raw, 2):
+        return "its bytes repeat a pattern"
+    if _is_a_sequence(raw):
+        return "its bytes are a sequence"
+    if all(32 <= b < 127 for b in raw):
+        # 32 random bytes are all printable once in ~10^14: this is a
+        # passphrase encoded as a key, not a key.
+        return "it encodes printable text, not random bytes"
+    return None
+
+
+def _check_production_secrets(secret_key, card_keys):
+    """Refuse weak or shared secrets in production with one line (never the value).
+
+    With a guessable secret key the card fingerprints (HMAC) plus the clear
+    last four and the fixed BIN leave about 10^6 candidates per card, so a
+    database backup alone would yield every card number.
+    """
+    reason = weak_secret(secret_key)
+    if reason:
+        raise ConfigError(f"HOARDRUN_SECRET_KEY is too weak for production: {reason}; "
+                          + _SECRET_HINT)
+    for position, key in enumerate(card_keys, start=1):
+        # The same secret in both roles (as text, or as the key's bytes).
+        if secret_key == key or secret_key.encode() == base64.urlsafe_b64decode(key):
+            raise ConfigError(f"HOARDRUN_SECRET_KEY and HOARDRUN_CARD_ENCRYPTION_KEYS key "
+                              f"{position} are the same secret: one leak must not open both; "
+                              "give each its own value")
+    for position, key in enumerate(card_keys, start=1):
+        reason = weak_card_key(key)
+        if reason:
+            raise ConfigError(f"HOARDRUN_CARD_ENCRYPTION_KEYS key {position} of "
+                              f"{len(card_keys)} is too weak for production: {reason}; "
+                              + _CARD_KEY_HINT)
+    if len(set(card_keys)) != len(card_keys):
+        raise ConfigError("HOARDRUN_CARD_ENCRYPTION_KEYS lists the same key twice")
+
+
 def new_card_key():
     """Return a fresh card-encryption key (url-safe base64 of 32 random bytes)."""
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
@@ -403,4 +498,6 @@ def load_settings(environ=None):
                               minimum=60),
         reset_ttl=_int(environ, "HOARDRUN_RESET_TTL", DEFAULT_RESET_TTL, minimum=60),
     )
+    if settings.is_production:
+        _check_production_secrets(settings.secret_key, settings.card_keys)
     return settings

@@ -16,6 +16,7 @@ import contextlib
 import uuid
 
 from . import audit, errors, history, ledger
+from .auth import normalise_email
 from .db import db
 from .ids import parse_id
 from .money import parse_amount
@@ -125,12 +126,24 @@ def transfer(user_id, from_account_id, to_account_id, amount, *, currency=None,
         created_at=posting.posted_at, completed_at=posting.posted_at)
 
 
-def find_recipient(sender_id, *, email=None, user_id=None):
-    """``(user_id, display name, primary account id or None)`` of an active user.
+# Every recipient that cannot be paid gets exactly this answer (status, type
+# and detail): unknown, inactive, without a usable primary account or one in
+# another currency. Different answers would tell a stranger which emails
+# are registered here.
+RECIPIENT_NOT_FOUND = "recipient not found, or they cannot receive this payment"
 
-    Exactly one of ``email`` / ``user_id``. Unknown, inactive, unverified and
-    not-a-customer recipients are all the same NotFound; paying yourself is
-    SameAccount; a sender whose email is not verified is EmailNotVerified.
+
+def _no_recipient():
+    return errors.NotFound(RECIPIENT_NOT_FOUND, field="recipient")
+
+
+def find_recipient(sender_id, *, email=None, user_id=None, currency=None):
+    """``(user_id, display name, primary account id)`` of an active user who can be paid.
+
+    Exactly one of ``email`` / ``user_id``. Unknown, inactive, unverified,
+    without an active primary account, or (``currency`` given) whose primary
+    account holds another currency: all the same NotFound. Paying yourself
+    is SameAccount; a sender whose email is not verified is EmailNotVerified.
     """
     if (email is None) == (user_id is None):
         raise errors.ValidationError("give the recipient's email or user_id (one of them)",
@@ -138,19 +151,20 @@ def find_recipient(sender_id, *, email=None, user_id=None):
     if email is not None:
         if not isinstance(email, str):
             raise errors.ValidationError("email must be text", field="recipient_email")
-        condition, value = "u.email = %s", email.strip().lower()
+        condition, value = "u.email = %s", normalise_email(email)
     else:
         try:
             value = _id(user_id, "recipient_user_id").hex
         except errors.NotFound:
-            raise errors.NotFound("recipient not found", field="recipient") from None
+            raise _no_recipient() from None
         condition = "u.id = %s"
     # One statement from the sender's row: whether they may pay at all is
     # decided before anything about the recipient, so an unverified sender
     # learns nothing about who exists. Only a verified address receives:
     # an unverified one (a squatter's) is the same 404 as an unknown one.
     sender = db.execute_sql(
-        "SELECT s.email_verified, u.id, u.first_name, u.last_name, a.id FROM users s "
+        "SELECT s.email_verified, u.id, u.first_name, u.last_name, a.id, a.status, a.currency "
+        "FROM users s "
         "LEFT JOIN users u ON " + condition + " AND u.status = 'active' AND u.email_verified "
         "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
         "WHERE s.id = %s",
@@ -160,13 +174,17 @@ def find_recipient(sender_id, *, email=None, user_id=None):
                                       "(POST /api/v1/auth/verify-email)")
     row = sender[1:]
     if row[0] is None:
-        raise errors.NotFound("recipient not found", field="recipient")
+        raise _no_recipient()
     recipient = uuid.UUID(str(row[0]))
     if recipient == sender_id:
         raise errors.SameAccount("you cannot pay yourself; use a transfer between your accounts",
                                  field="recipient")
-    return recipient, history.display_name(row[1], row[2]), (
-        None if row[3] is None else uuid.UUID(str(row[3])))
+    # Read without a lock: the ledger re-checks status and currency under its
+    # locks, so a change in between is refused there (as account-not-active
+    # or currency-mismatch), never paid.
+    if row[3] is None or row[4] != "active" or (currency is not None and row[5] != currency):
+        raise _no_recipient()
+    return recipient, history.display_name(row[1], row[2]), uuid.UUID(str(row[3]))
 
 
 def _primary_account(user_id):
@@ -188,16 +206,25 @@ def p2p(user_id, amount, *, recipient_email=None, recipient_user_id=None,
     user_id = _id(user_id, "user_id")
     note = _text(note, "note")
     with _transaction():
-        recipient, name, recipient_account = find_recipient(
-            user_id, email=recipient_email, user_id=recipient_user_id)
-        if recipient_account is None:
-            raise errors.NotFound("the recipient has no primary account to receive payments",
-                                  field="recipient")
+        # The sender's side first: what it answers does not depend on who the
+        # recipient is, so it tells nothing about them.
         source = (_primary_account(user_id) if from_account_id is None
                   else _id(from_account_id, "from_account_id"))
-        minor = parse_amount(amount, _account_currency(user_id, source, "from_account_id"))
-        posting = ledger.p2p_payment(user_id, source, recipient_account, minor,
-                                     currency=currency, note=note)
+        source_currency = _account_currency(user_id, source, "from_account_id")
+        minor = parse_amount(amount, source_currency)
+        recipient, name, recipient_account = find_recipient(
+            user_id, email=recipient_email, user_id=recipient_user_id,
+            currency=source_currency)
+        try:
+            posting = ledger.p2p_payment(user_id, source, recipient_account, minor,
+                                         currency=currency, note=note)
+        except errors.AccountNotActive as exc:
+            # Frozen or closed since find_recipient read it: a sender must
+            # not learn the state of the recipient's account (the credited,
+            # "destination" side of the ledger's pair), only that it failed.
+            if exc.detail.startswith("the destination account"):
+                raise _no_recipient() from None
+            raise
         _movement_audit("p2p.create", "p2p", posting.movement_id, user_id, posting, request_id,
                         recipient_id=recipient)
     return history.Payment(

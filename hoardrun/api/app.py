@@ -33,7 +33,7 @@ from . import prices as prices_routes
 from . import transactions as transactions_routes
 from . import users as users_routes
 from .auth import Authentication
-from .middleware import RequestContext, new_request_id
+from .middleware import CORS, RequestContext, new_request_id
 
 
 def create_app(settings, *, clock=None, monotonic=None, id_factory=None, mailer=None):
@@ -60,9 +60,8 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None, mailer=
         # Falcon's CORS: answers preflight OPTIONS and adds the allow headers
         # for listed origins only; X-Request-ID is exposed to browser code.
         origins = "*" if "*" in settings.cors_origins else list(settings.cors_origins)
-        middleware.insert(0, falcon.CORSMiddleware(allow_origins=origins,
-                                                   expose_headers=["X-Request-ID",
-                                                                   "Retry-After"]))
+        middleware.insert(0, CORS(allow_origins=origins,
+                                  expose_headers=["X-Request-ID", "Retry-After"]))
     metrics, observer = metrics_routes.install(settings)
     if observer is not None:
         middleware.insert(0, observer)  # outermost: times and counts everything

@@ -1,14 +1,16 @@
 """Settings: the documented defaults, one clear line for a bad value, no leaked secrets."""
 
+import base64
 import json
 import os
+import secrets
 
 import pytest
 
-from hoardrun.config import SSL_MODES, ConfigError, load_settings, mask_url
+from hoardrun.config import SSL_MODES, ConfigError, load_settings, mask_url, new_card_key
 
-SECRET = "s" * 40
-CARD_KEY = "dGVzdC1jYXJkLWtleS0wMDAwMDAwMDAwMDAwMDAwMDA="
+SECRET = "UIWw60H8pcM-IhxE0Fb75frv3JmKEU5Y5zlq6qjdFE4cb-SlqW7ABniplhkf0dJh"
+CARD_KEY = "0swUJ_PuTEg1h60kK4KGkBQ2u3iq1nkkZyxSEnerZp4="
 PG = "postgresql://hoard:Sup3rS3cret@db.internal:5432/hoardrun"
 
 
@@ -203,6 +205,65 @@ def test_production_refuses_to_start_without_what_it_needs(prod, tmp_path, chang
         assert secret not in message  # secrets are never echoed, even broken ones
     # Production never falls back to generating secrets on disk.
     assert not (tmp_path / "secrets.json").exists()
+
+
+ZERO_KEY = base64.urlsafe_b64encode(bytes(32)).decode()
+
+
+@pytest.mark.parametrize("change, variable, says", [
+    ({"HOARDRUN_SECRET_KEY": "a" * 32}, "HOARDRUN_SECRET_KEY", "distinct characters"),
+    ({"HOARDRUN_SECRET_KEY": "a" * 64}, "HOARDRUN_SECRET_KEY", "distinct characters"),
+    ({"HOARDRUN_SECRET_KEY": "changeme" * 4}, "HOARDRUN_SECRET_KEY", "too weak"),
+    ({"HOARDRUN_SECRET_KEY": "prod-key-" * 5}, "HOARDRUN_SECRET_KEY", "repeats a pattern"),
+    ({"HOARDRUN_SECRET_KEY": "test-secret-key-" + "x" * 40}, "HOARDRUN_SECRET_KEY",
+     "repeats a pattern"),
+    ({"HOARDRUN_SECRET_KEY": "abcdefghijklmnopqrstuvwxyz0123456789"}, "HOARDRUN_SECRET_KEY",
+     "sequence"),
+    ({"HOARDRUN_SECRET_KEY": "please-replace-with-the-real-one-2026"}, "HOARDRUN_SECRET_KEY",
+     "placeholder"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": ZERO_KEY}, "HOARDRUN_CARD_ENCRYPTION_KEYS",
+     "all zero bytes"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": f"{CARD_KEY},{ZERO_KEY}"},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "key 2 of 2"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": "dGVzdC1jYXJkLWtleS0wMDAwMDAwMDAwMDAwMDAwMDA="},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "too weak"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": base64.urlsafe_b64encode(bytes(range(32))).decode()},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "sequence"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS":
+      base64.urlsafe_b64encode(b"Correct-Horse-Battery-Staple-42!").decode()},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "printable text"),
+    ({"HOARDRUN_SECRET_KEY": CARD_KEY}, "HOARDRUN_SECRET_KEY", "same secret"),
+    ({"HOARDRUN_SECRET_KEY": "k7Qw9zR2mX4pL8vN1cB6tY3hJ5gF0dSa",
+      "HOARDRUN_CARD_ENCRYPTION_KEYS":
+      base64.urlsafe_b64encode(b"k7Qw9zR2mX4pL8vN1cB6tY3hJ5gF0dSa").decode()},
+     "HOARDRUN_SECRET_KEY", "same secret"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": f"{CARD_KEY},{CARD_KEY}"},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "twice"),
+])
+def test_production_refuses_weak_or_shared_secrets_with_one_line(prod, change, variable, says):
+    environ = dict(prod, **change)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ)
+    message = str(info.value)
+    assert "\n" not in message and variable in message and says in message, message
+    for value in change.values():
+        for key in value.split(","):
+            assert key not in message  # a secret is never echoed, even a weak one
+
+
+def test_weak_secrets_are_only_refused_in_production(env):
+    s = load_settings(dict(env, HOARDRUN_SECRET_KEY="a" * 32,
+                           HOARDRUN_CARD_ENCRYPTION_KEYS=ZERO_KEY))
+    assert s.secret_key == "a" * 32
+
+
+def test_generated_secrets_always_pass_the_production_check(prod):
+    """The values the error line tells an operator to generate are never refused."""
+    for _ in range(300):
+        s = load_settings(dict(prod, HOARDRUN_SECRET_KEY=secrets.token_urlsafe(48),
+                               HOARDRUN_CARD_ENCRYPTION_KEYS=f"{new_card_key()},{new_card_key()}"))
+        assert s.is_production
+        assert load_settings(dict(prod, HOARDRUN_SECRET_KEY=secrets.token_hex(16))).is_production
 
 
 def test_environment_name_is_case_insensitive(prod):
