@@ -3,7 +3,7 @@
 Balances are decimal strings in the account's currency (``available`` is
 balance + overdraft limit). An account that exists but is someone else's
 answers 404, exactly like one that does not exist. Money moves through
-``hoardrun.api.money``; history is in ``hoardrun.api.transactions``.
+``hoardrun.api.movements``; history is in ``hoardrun.api.history``.
 """
 
 import uuid

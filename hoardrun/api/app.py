@@ -28,9 +28,9 @@ from . import health as health_routes
 from . import investments as investments_routes
 from . import media, openapi, problems
 from . import metrics as metrics_routes
-from . import money as money_routes
+from . import movements as movements_routes
 from . import prices as prices_routes
-from . import transactions as transactions_routes
+from . import history as history_routes
 from . import users as users_routes
 from .auth import Authentication
 from .middleware import CORS, RequestContext, new_request_id
@@ -80,8 +80,8 @@ def _routes(app, settings, health, clock, mailer):
     users_routes.mount(app, settings=settings, mailer=mailer, clock=clock)
     admin_routes.mount(app, settings, clock=clock)
     accounts_routes.mount(app)
-    money_routes.mount(app, settings)
-    transactions_routes.mount(app, settings, clock=clock)
+    movements_routes.mount(app, settings)
+    history_routes.mount(app, settings, clock=clock)
     cards_routes.mount(app, settings)
     investments_routes.mount(app, settings)
     prices_routes.mount(app, settings)

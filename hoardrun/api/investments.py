@@ -14,7 +14,7 @@ from spectree import Response
 
 from .. import investments
 from ..money import format_amount
-from .money import IdempotencyHeaders, _idempotent
+from .idempotency import IdempotencyHeaders, idempotent
 from .openapi import BEARER, Problem, spec
 
 TAGS = ["investments"]
@@ -194,7 +194,7 @@ class Orders:
         ``not-investment-account``; short cash is ``insufficient-funds``.
         """
         body = req.context.json
-        _idempotent(req, resp, lambda: render_order(investments.place_order(
+        idempotent(req, resp, lambda: render_order(investments.place_order(
             req.context.user.id, body.account_id, body.symbol, body.side, body.quantity,
             request_id=req.context.request_id)), TRANSACTIONS, kind="trade")
 

@@ -207,7 +207,8 @@ def test_orders_need_my_investment_account_and_a_listed_symbol(client, jane, bro
     problem(order(client, eve, brokerage, "AAPL", "buy", "0.1"), 404, "not-found")
     as_number = json.dumps({"account_id": brokerage, "symbol": "AAPL", "side": "buy",
                             "quantity": 1.5})
-    result = client.simulate_post(f"{API}/investments/orders", headers=jane.headers,
+    result = client.simulate_post(f"{API}/investments/orders",
+                                  headers={**jane.headers, "Content-Type": "application/json"},
                                   body=as_number)
     problem(result, 422, "validation-error")
     problem(order(client, jane, brokerage, "AAPL", "hold", "1"), 422, "validation-error")

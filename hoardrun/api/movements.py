@@ -1,38 +1,30 @@
 """Money movement: deposits, withdrawals, transfers and P2P payments.
 
 Every POST here moves money through ``hoardrun.ledger`` (via
-``hoardrun.movements``) and honours an ``Idempotency-Key`` header: the
-first response to a key is stored in the same transaction as the movement,
-and a replay (same key, same method, path and body) gets it back with the
-same status and body and ``Idempotent-Replayed: true``; the same key with
-another body is a 422 ``idempotency-key-reused``. Refusals (insufficient
-funds, frozen account, …) are part of the first response and replay too.
-Amounts are decimal strings in the account's currency.
+``hoardrun.movements``, the domain module this one pairs with) and honours
+an ``Idempotency-Key`` header (``hoardrun.api.idempotency``). Amounts are
+decimal strings in the account's currency.
 
 The GETs for transfers and P2P payments live here too, because they share
 their collection URLs with the POSTs.
 """
 
-import json
 import uuid
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from spectree import Response
 
-from .. import cursors, errors, history, idempotency, movements
+from .. import cursors, history, movements
 from ..models import MOVEMENT_STATUSES
 from ..money import format_amount
-from . import problems
-from .media import JSON, PROBLEM_JSON, dumps
+from .history import CounterpartyOut, EntryOut, render_counterparty, render_entry
+from .idempotency import IdempotencyHeaders, idempotent
 from .openapi import BEARER, Problem, spec
-from .transactions import CounterpartyOut, EntryOut, render_counterparty, render_entry
 
 API_PREFIX = "/api/v1"
 TAGS = ["money"]
-REPLAYED_HEADER = "Idempotent-Replayed"
 
 _AMOUNT = dict(min_length=1, max_length=40, examples=["12.34"],
                description="Decimal string in the account's currency, > 0 "
@@ -41,17 +33,6 @@ _AMOUNT = dict(min_length=1, max_length=40, examples=["12.34"],
 
 # --------------------------------------------------------------------------
 # Schemas
-
-class IdempotencyHeaders(BaseModel):
-    """``Idempotency-Key``: send the same key to retry a request safely."""
-
-    idempotency_key: str | None = Field(
-        None, min_length=1, max_length=idempotency.KEY_MAX_LENGTH,
-        # falcon hands headers over upper-cased; the document shows the usual spelling.
-        validation_alias=AliasChoices(idempotency.HEADER, idempotency.HEADER.upper()),
-        description="Optional, per user. A retry with the same key and body returns the "
-                    "first response without moving money again.")
-
 
 class CashIn(BaseModel):
     """A deposit into, or a withdrawal from, one of my accounts."""
@@ -186,60 +167,6 @@ def render_payment(p):
             "completed_at": p.completed_at, "reversal": render_reversal(p.reversal)}
 
 
-# --------------------------------------------------------------------------
-# The idempotent POST
-
-def _problem(req, exc):
-    """``exc`` (a 4xx domain error) as ``(status, problem JSON text)``, exactly as the
-    error serializer would write it, so the stored first response is the real one."""
-    try:
-        problems.handle_domain_error(req, None, exc, None)
-    except problems.Problem as problem:
-        out = SimpleNamespace(content_type=None, data=None)
-        problems.serialize(req, out, problem)
-        return problem.status_code, out.data.decode("utf-8")
-    raise AssertionError("handle_domain_error always raises")  # pragma: no cover
-
-
-def _idempotent(req, resp, action, location_prefix, *, kind):
-    """Run ``action`` (returns the 201 body dict) under the request's Idempotency-Key.
-
-    ``kind`` names the movement; ``req.context.movement`` is set to
-    ``(kind, outcome, reason)`` (``posted``, ``refused`` with the problem
-    code, or ``replayed``) for the metrics middleware.
-    """
-    key = idempotency.check_key(req.context.headers.idempotency_key)
-    fingerprint = idempotency.request_hash(req.method, req.path,
-                                           req.get_media(default_when_empty={}))
-    refusals = []
-
-    def refused(exc):
-        refusals.append(exc.code)
-        return _problem(req, exc)
-
-    try:
-        outcome = idempotency.run(req.context.user.id, key, fingerprint,
-                                  lambda: (201, dumps(action())), on_error=refused,
-                                  ttl=req.context.idempotency_ttl)
-    except errors.HoardRunError as exc:
-        if exc.status < 500:  # without a key a refusal propagates as the problem itself
-            req.context.movement = (kind, "refused", exc.code)
-        raise
-    if outcome.replayed:
-        req.context.movement = (kind, "replayed", "")
-    elif outcome.status >= 400:
-        req.context.movement = (kind, "refused", refusals[-1])
-    else:
-        req.context.movement = (kind, "posted", "")
-    resp.status = outcome.status
-    resp.content_type = JSON if outcome.status < 400 else PROBLEM_JSON
-    resp.data = outcome.body.encode("utf-8")
-    if outcome.status == 201:
-        resp.location = f"{location_prefix}/{json.loads(outcome.body)['id']}"
-    if key is not None:
-        resp.set_header(REPLAYED_HEADER, "true" if outcome.replayed else "false")
-
-
 _POST_RESPONSES = dict(HTTP_401=Problem, HTTP_404=Problem, HTTP_422=Problem)
 _GET_ERRORS = dict(HTTP_401=Problem, HTTP_404=Problem)
 
@@ -259,7 +186,7 @@ class Deposits:
         The response is the new entry on my account (as ``GET /transactions/{id}``).
         """
         body = req.context.json
-        _idempotent(req, resp, lambda: render_entry(movements.deposit(
+        idempotent(req, resp, lambda: render_entry(movements.deposit(
             req.context.user.id, account_id, body.amount, description=body.description,
             request_id=req.context.request_id)), f"{API_PREFIX}/transactions", kind="deposit")
 
@@ -273,7 +200,7 @@ class Withdrawals:
     def on_post(self, req, resp, account_id):
         """Withdraw from one of my accounts, down to minus its overdraft limit at most."""
         body = req.context.json
-        _idempotent(req, resp, lambda: render_entry(movements.withdraw(
+        idempotent(req, resp, lambda: render_entry(movements.withdraw(
             req.context.user.id, account_id, body.amount, description=body.description,
             request_id=req.context.request_id)), f"{API_PREFIX}/transactions",
             kind="withdrawal")
@@ -303,7 +230,7 @@ class Transfers:
     def on_post(self, req, resp):
         """Move money between two of my accounts in the same currency."""
         body = req.context.json
-        _idempotent(req, resp, lambda: render_transfer(movements.transfer(
+        idempotent(req, resp, lambda: render_transfer(movements.transfer(
             req.context.user.id, body.from_account_id, body.to_account_id, body.amount,
             currency=body.currency, description=body.description,
             request_id=req.context.request_id)), f"{API_PREFIX}/transfers", kind="transfer")
@@ -363,7 +290,7 @@ class P2PPayments:
         """
         body = req.context.json
         email, user_id = _recipient(body)
-        _idempotent(req, resp, lambda: render_payment(movements.p2p(
+        idempotent(req, resp, lambda: render_payment(movements.p2p(
             req.context.user.id, body.amount, recipient_email=email,
             recipient_user_id=user_id, from_account_id=body.from_account_id,
             currency=body.currency, note=body.note, request_id=req.context.request_id)),
