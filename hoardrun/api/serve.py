@@ -103,10 +103,15 @@ def serve(*, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, envi
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = sized_for(embedded.with_server(settings or load_settings(environ)), threads)
-    app = get_app(settings=settings)
+    # Migrations before the app exists: building it starts the mail sender,
+    # which must not poll a table a pending migration has yet to create.
+    dbm.init_db(settings)
     try:
         apply_or_report_migrations(settings)
-        dbm.release_connection()
+    finally:
+        dbm.close_db()
+    app = get_app(settings=settings)
+    try:
         server = create_server(app, settings, host=host, port=port, threads=threads)
         log.info("HoardRun %s: %d threads, database %s", settings.env, threads,
                  shown_database_url(settings))
