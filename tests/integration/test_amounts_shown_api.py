@@ -17,16 +17,6 @@ from hoardrun.money import CURRENCIES, get_currency
 MINOR_UNITS = re.compile(r"minor unit", re.IGNORECASE)
 
 
-@pytest.fixture
-def jane(make_user):
-    return make_user(first_name="Jane", last_name="Doe")
-
-
-@pytest.fixture
-def admin(make_user):
-    return make_user(role="admin")
-
-
 def issue_card(client, person, account_id):
     return ok(client.simulate_post(f"{API}/cards", headers=person.headers, json={
         "account_id": account_id, "type": "debit", "cardholder_name": "Jane Doe"}), 201)

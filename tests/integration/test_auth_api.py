@@ -20,24 +20,6 @@ from tests.integration.conftest import LiveServer
 PROBLEM = "https://hoardrun.dev/problems/"
 
 
-class Clock:
-    """A clock the test moves by hand (the app and the auth middleware read it)."""
-
-    def __init__(self):
-        self.now = datetime.now(timezone.utc)
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, **delta):
-        self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
 @pytest.fixture
 def timed_client(settings, database, clock):
     """A client over an app whose clock the test controls."""

@@ -66,11 +66,6 @@ def balance(client, person, account_id):
 
 
 @pytest.fixture
-def jane(make_user):
-    return make_user()
-
-
-@pytest.fixture
 def account(client, jane):
     return open_account(client, jane, deposit="1000.00")
 

@@ -244,7 +244,6 @@ def _copy_project(target):
     return target
 
 
-
 def _add_nickname(project):
     models = project / "hoardrun" / "models.py"
     source = models.read_text(encoding="utf-8")

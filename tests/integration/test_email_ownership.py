@@ -8,7 +8,6 @@ exactly as a user reads them from their mailbox; the clock is pinned
 import re
 import statistics
 import time
-from datetime import timedelta
 
 import pytest
 from falcon import testing
@@ -27,24 +26,6 @@ API = "/api/v1"
 NEW_PASSWORD = "Quartz-Harbour-88"
 CODE = re.compile(r"\b(\d{6})\b")
 RESET_TOKEN = re.compile(r"\bhrr_[A-Za-z0-9_-]{43}\b")
-
-
-class Clock:
-    """A pinned clock that tests move forward."""
-
-    def __init__(self):
-        self.now = auth.utcnow()
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, **delta):
-        self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest.fixture

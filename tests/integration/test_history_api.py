@@ -18,11 +18,6 @@ from hoardrun.money import parse_amount
 
 
 @pytest.fixture
-def jane(make_user):
-    return make_user(first_name="Jane", last_name="Doe")
-
-
-@pytest.fixture
 def john(make_user):
     return make_user(first_name="John", last_name="Smith")
 

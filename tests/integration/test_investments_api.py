@@ -27,21 +27,6 @@ def set_price(client, admin, symbol, price, **fields):
 
 
 @pytest.fixture
-def admin(make_user):
-    return make_user(role="admin")
-
-
-@pytest.fixture
-def jane(make_user):
-    return make_user()
-
-
-@pytest.fixture
-def prices(database):
-    return investments.load_default_prices()
-
-
-@pytest.fixture
 def brokerage(client, jane, prices):
     return open_account(client, jane, type="investment", deposit="10000.00")
 

@@ -8,27 +8,12 @@ from decimal import Decimal
 
 import pytest
 
-from hoardrun import investments, ledger
+from hoardrun import ledger
 from hoardrun.db import db
 from money_helpers import (API, deposit, get_account, ok, open_account, pay, post_money,
                            problem, random_id, transfer)
 
 ADMIN = f"{API}/admin"
-
-
-@pytest.fixture
-def admin(make_user):
-    return make_user(role="admin")
-
-
-@pytest.fixture
-def jane(make_user):
-    return make_user()
-
-
-@pytest.fixture
-def prices(database):
-    return investments.load_default_prices()
 
 
 def reverse(client, admin, entry_id):

@@ -16,11 +16,6 @@ from hoardrun.models import Account, P2PTransaction, Transaction, Transfer, User
 
 
 @pytest.fixture
-def jane(make_user):
-    return make_user(first_name="Jane", last_name="Doe")
-
-
-@pytest.fixture
 def john(make_user):
     return make_user(first_name="John", last_name="Smith")
 
