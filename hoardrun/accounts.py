@@ -7,11 +7,11 @@ exist. Every state change writes an audit row in the same transaction.
 
 import secrets
 import uuid
-from datetime import datetime, timezone
 
 import peewee as pw
 
 from . import audit, errors
+from .clock import utcnow
 from .db import db
 from .models import ACCOUNT_TYPES, SETTLEMENT, Account, Card, Investment
 from .text import clean_text
@@ -274,7 +274,7 @@ def _demote_primary(user_id):
 
 
 def _now():
-    return datetime.now(timezone.utc)
+    return utcnow()
 
 
 def _uuid(value):

@@ -26,12 +26,13 @@ import unicodedata
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from peewee import Case
 
 from . import audit, errors
 from .config import DEFAULT_TOKEN_TTL
+from .clock import utcnow
 from .db import PostgresDatabase, db, execute_prepared
 from .models import AuthToken, User
 from .security import (
@@ -58,9 +59,6 @@ class CurrentUser:
         return self.role == "admin"
 
 
-def utcnow():
-    """The current time, UTC-aware."""
-    return datetime.now(timezone.utc)
 
 
 def _db_time(value):

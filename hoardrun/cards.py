@@ -22,6 +22,7 @@ import peewee as pw
 
 from . import audit, errors, ledger
 from .cursors import page_query
+from .clock import utcnow
 from .db import db
 from .ids import parse_id
 from .models import Account, Card, Transaction
@@ -105,7 +106,7 @@ def effective_status(card, now=None):
 
 def _utc(now):
     if now is None:
-        return datetime.now(timezone.utc)
+        return utcnow()
     if now.tzinfo is None:
         raise ValueError("naive datetime: card expiry is computed in UTC")
     return now.astimezone(timezone.utc)
@@ -328,7 +329,7 @@ def _change(user_id, card_id, action, change, request_id, *, allow_cancelled=Fal
         change(card)
         after = card_state(card)
         if after != before:
-            card.updated_at = datetime.now(timezone.utc)
+            card.updated_at = utcnow()
             card.save(only=[Card.status, Card.daily_limit, Card.monthly_limit,
                             Card.online_enabled, Card.contactless_enabled,
                             Card.international_enabled, Card.updated_at])

@@ -16,12 +16,13 @@ the arguments, calls the function and turns its SQLSTATEs into domain errors.
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 
 import peewee as pw
 
 from . import errors
+from .clock import utcnow
 from .db import db, driver_error, to_utc
 from .ids import parse_id
 from .models import CARD_CHANNELS, INVESTMENT_TYPES, InstrumentPrice, Investment
@@ -237,13 +238,13 @@ def set_price(symbol, price, *, name=None, type=None, currency=None):
                                    price=price)
         else:
             changes = {InstrumentPrice.price: price,
-                       InstrumentPrice.updated_at: datetime.now(timezone.utc)}
+                       InstrumentPrice.updated_at: utcnow()}
             if name:
                 changes[InstrumentPrice.name] = name
             (InstrumentPrice.update(changes)
              .where(InstrumentPrice.symbol == symbol)
              .execute())
-        (Investment.update(current_price=price, updated_at=datetime.now(timezone.utc))
+        (Investment.update(current_price=price, updated_at=utcnow())
          .where(Investment.symbol == symbol)
          .execute())
     return InstrumentPrice.get_by_id(symbol)

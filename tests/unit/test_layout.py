@@ -21,7 +21,7 @@ LAYERS = (
     ("ledger", {"ledger"}),
     ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail"}),
     ("db", {"db", "embedded"}),
-    ("base", {"config", "errors", "money", "__init__"}),
+    ("base", {"config", "errors", "money", "clock", "__init__"}),
 )
 
 
