@@ -513,6 +513,19 @@ def restore_db(c, file, target_url=None, force=False):
     print("ledger verified: balances match their entries and every currency sums to zero")
 
 
+# --------------------------------------------------------------------------- ledger.*
+
+@task(name="expire-holds")
+def expire_holds(c):
+    """Record card authorizations past their expiry as expired (they already stopped counting)."""
+    with _database() as (settings, database):
+        from hoardrun import holds
+
+        _require_migrated(database)
+        count = holds.expire()
+    print(f"recorded {count} expired card authorization(s)")
+
+
 # --------------------------------------------------------------------------- cards.*, prices.*
 
 @task
@@ -660,6 +673,7 @@ db = Collection("db", check, server, init, migrate, rollback, history, current, 
                 sample, reset, verify, prune, backup_db, restore_db)
 ns = Collection(test, serve, bench)
 ns.add_collection(db)
+ns.add_collection(Collection("ledger", expire_holds))
 ns.add_collection(Collection("cards", rotate_keys))
 ns.add_collection(Collection("prices", set_price))
 ns.add_collection(Collection("mail", outbox))

@@ -89,18 +89,30 @@ def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_li
     return Account.get_by_id(account.id)
 
 
-def list_accounts(user_id):
+def _with_held(now):
+    """Account rows with ``held``: what their active card holds reserve at ``now``.
+
+    Computed by the ledger's own ``hoardrun_held`` (the sum the funds checks
+    use), so an expired hold stops showing the moment it stops counting.
+    """
+    now = utcnow() if now is None else now
+    return Account.select(Account, pw.fn.hoardrun_held(Account.id, now).coerce(False).alias("held"))
+
+
+def list_accounts(user_id, *, now=None):
     """The user's accounts, oldest first (closed ones included, marked by status)."""
-    return list(Account
-                .select()
+    return list(_with_held(now)
                 .where(Account.user == user_id)
                 .order_by(Account.created_at, Account.id))
 
 
-def get_account(user_id, account_id):
-    """The user's account ``account_id``; NotFound if it is missing or someone else's."""
-    account = (Account
-               .select()
+def get_account(user_id, account_id, *, now=None):
+    """The user's account ``account_id``; NotFound if it is missing or someone else's.
+
+    ``held`` on it is what active card holds reserve at ``now`` (default: the
+    current time): its available balance is ``balance - held``.
+    """
+    account = (_with_held(now)
                .where((Account.id == account_id)
                       & (Account.user == user_id)
                       & (Account.type != SETTLEMENT))
@@ -178,8 +190,9 @@ def set_primary(user_id, account_id, *, request_id=None):
 def close(user_id, account_id, *, request_id=None):
     """Close the user's account; only at a zero balance and with nothing invested.
 
-    The balance and holdings are checked under the same row lock the ledger
-    takes, so no deposit or buy can land between the check and the close. A
+    The balance, pending card authorizations and holdings are checked under
+    the same row lock the ledger takes, so no deposit, authorization or buy
+    can land between the check and the close. A
     closed account keeps no assets: a holding there could never be sold, so
     one held is refused (sell it first), and the account's cards are
     cancelled with it. A closed account stops being primary; the user's
@@ -205,6 +218,13 @@ def close(user_id, account_id, *, request_id=None):
             raise errors.AccountNotEmpty(
                 "only an account with a zero balance can be closed; move the money out first",
                 balance=account.balance)
+        # A pending card authorization would find its account gone at capture.
+        pending = db.execute_sql("SELECT hoardrun_held(%s, %s)",
+                                 (account.id.hex, _now())).fetchone()[0]
+        if pending:
+            raise errors.AccountNotEmpty(
+                "an account with pending card authorizations cannot be closed; void them or "
+                "let them be captured first", pending_holds=int(pending))
         held = [symbol for (symbol,) in (Investment
                                          .select(Investment.symbol)
                                          .where((Investment.account == account.id)
@@ -261,9 +281,15 @@ def _lock_owner(user_id):
 
     Two concurrent switches (or first-account opens) would otherwise both
     see the old state and the second would trip the one-primary index. The
-    user row is the lock: the ledger never locks users, so no deadlock.
+    user row is the lock: the ledger never locks users FOR UPDATE.
+    NOTE: FOR NO KEY UPDATE, not FOR UPDATE. The ledger's inserts (a transfer
+    row, a P2P row) reference the user and take FOR KEY SHARE on it while they
+    hold account locks; FOR UPDATE conflicts with that, so a close (user, then
+    account) and a transfer (account, then user) could deadlock. NO KEY
+    UPDATE still excludes a second primary-account change, and no insert.
     """
-    db.execute_sql("SELECT id FROM users WHERE id = %s FOR UPDATE", (_uuid(user_id).hex,))
+    db.execute_sql("SELECT id FROM users WHERE id = %s FOR NO KEY UPDATE",
+                   (_uuid(user_id).hex,))
 
 
 def _demote_primary(user_id):

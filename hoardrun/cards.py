@@ -359,6 +359,19 @@ class CardPayment:
     refunded: int = 0
 
 
+def merchant_details(channel, merchant_name, merchant_category, description):
+    """Check a payment's or authorization's channel and clean its texts.
+
+    Returns ``(merchant_name, merchant_category, description)``.
+    """
+    if channel not in CHANNELS:
+        raise errors.ValidationError(f"channel must be one of {', '.join(CHANNELS)}",
+                                     field="channel")
+    return (clean_text(merchant_name, "merchant_name", max_length=200, required=True),
+            clean_text(merchant_category, "merchant_category", max_length=64, required=True),
+            clean_text(description, "description", max_length=500))
+
+
 def pay(user_id, card_id, *, amount, currency, merchant_name, merchant_category, channel,
         international=False, description=None, request_id=None):
     """Pay ``amount`` (decimal string in ``currency``) with the card; one ledger debit.
@@ -368,13 +381,8 @@ def pay(user_id, card_id, *, amount, currency, merchant_name, merchant_category,
     account lacks the funds.
     """
     minor = parse_amount(amount, currency)
-    if channel not in CHANNELS:
-        raise errors.ValidationError(f"channel must be one of {', '.join(CHANNELS)}",
-                                     field="channel")
-    merchant_name = clean_text(merchant_name, "merchant_name", max_length=200, required=True)
-    merchant_category = clean_text(merchant_category, "merchant_category", max_length=64,
-                                   required=True)
-    description = clean_text(description, "description", max_length=500)
+    merchant_name, merchant_category, description = merchant_details(
+        channel, merchant_name, merchant_category, description)
     user_id, card_id = _uuid(user_id), _uuid(card_id)
     with db.atomic():
         posting = ledger.card_payment(

@@ -166,3 +166,21 @@ class InvalidCode(ValidationError):
 
 class EmailNotVerified(Forbidden):
     code, title = "email-not-verified", "Email address not verified"
+
+
+class AuthorizationResolved(Conflict):
+    code, title = "authorization-resolved", "Authorization already captured, voided or expired"
+
+
+class AuthorizationExpired(Conflict):
+    code, title = "authorization-expired", "Authorization has expired"
+
+
+class CaptureExceedsAuthorization(LedgerError):
+    code, title = "capture-exceeds-authorization", "Capture exceeds the authorized amount"
+
+
+class BatchRefused(LedgerError):
+    """A batch none of whose legs moved: ``legs`` names each failing leg (index, type, detail)."""
+
+    code, title = "batch-refused", "Batch refused: no leg was made"

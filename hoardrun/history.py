@@ -513,3 +513,57 @@ def statement(user_id, account_id, *, start, end):
                      opening_balance=opening, total_in=total_in, total_out=total_out,
                      closing_balance=opening + total_in - total_out, entry_count=count,
                      by_type=by_type)
+
+
+# --------------------------------------------------------------------------
+# Balance as of a moment
+
+
+@dataclass(frozen=True)
+class BalanceAt:
+    """An account's balance at ``as_of``: the ``balance_after`` of its last entry then."""
+
+    account_id: uuid.UUID
+    currency: str
+    as_of: datetime
+    balance: int
+    held: int
+    entry_id: uuid.UUID | None
+    entry_at: datetime | None
+
+
+def balance_at(user_id, account_id, as_of, *, now):
+    """My account's balance (and what card holds reserved) at the instant ``as_of``.
+
+    One backward seek of the (account_id, created_at, id) index for the last
+    entry at or before ``as_of``, never a sum of history; before the first
+    entry the balance is zero. Holds active then (authorized at or before,
+    not yet resolved or expired) are summed over at most the 30 days a hold
+    can live. ``as_of`` after ``now`` is refused: that balance is not known
+    yet. NOTE: an instant within the last moments may still gain an entry
+    whose transaction has not committed yet.
+    """
+    as_of, now = _utc(as_of, "as_of"), _utc(now, "now")
+    if as_of is None:
+        raise errors.ValidationError("as_of is required", field="as_of")
+    if as_of > now:
+        raise errors.ValidationError("as_of is in the future: a balance is only known up to "
+                                     "now", field="as_of")
+    account_id = _as_uuid(account_id, "account_id")
+    at = _ts(as_of)
+    row = db.execute_sql(
+        "SELECT a.currency, t.balance_after, t.id, t.created_at, "
+        "(SELECT COALESCE(SUM(h.amount), 0) FROM card_holds h WHERE h.account_id = a.id "
+        "AND h.created_at <= %s AND h.created_at > %s - interval '30 days' "
+        "AND h.expires_at > %s AND (h.resolved_at IS NULL OR h.resolved_at > %s)) "
+        "FROM accounts a LEFT JOIN LATERAL (SELECT e.balance_after, e.id, e.created_at "
+        "FROM transactions e WHERE e.account_id = a.id AND e.created_at <= %s "
+        "ORDER BY e.created_at DESC, e.id DESC LIMIT 1) t ON TRUE "
+        "WHERE a.id = %s AND a.user_id = %s AND a.type <> 'settlement'",
+        (at, at, at, at, at, account_id.hex, _hex(user_id))).fetchone()
+    if row is None:
+        raise errors.NotFound("account not found", field="account_id")
+    currency, balance, entry_id, entry_at, held = row
+    return BalanceAt(account_id=account_id, currency=currency, as_of=as_of,
+                     balance=0 if balance is None else int(balance), held=int(held),
+                     entry_id=_uuid(entry_id), entry_at=to_utc(entry_at))

@@ -36,6 +36,8 @@ MOVEMENT_STATUSES = ("pending", "completed", "failed", "cancelled", "reversed")
 TRADE_ENTRY_TYPES = ("investment_buy", "investment_sell")
 EMAIL_CODE_PURPOSES = ("verify_email", "reset_password")
 MAIL_STATUSES = ("pending", "sent", "failed")
+# A card authorization reserves money while active; it ends once, in one of the others.
+HOLD_STATUSES = ("active", "captured", "voided", "expired")
 
 
 def _in(column, values):
@@ -499,6 +501,65 @@ MailOutbox.add_index(MailOutbox.index(MailOutbox.next_attempt_at,
                                       name="mail_outbox_due"))
 
 
+class CardHold(BaseModel):
+    """A card authorization: money reserved on the card's account, not moved (migration 008).
+
+    Active until captured (once, at most ``amount``), voided or expired; a
+    trigger refuses any change to a resolved hold. ``created_at``,
+    ``expires_at`` and ``resolved_at`` are the app's clock.
+    """
+
+    id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
+    user = pw.ForeignKeyField(User, backref="card_holds", on_delete="RESTRICT")
+    card = pw.ForeignKeyField(Card, backref="holds", on_delete="RESTRICT")
+    account = pw.ForeignKeyField(Account, backref="holds", on_delete="RESTRICT")
+    amount = pw.BigIntegerField()
+    currency = pw.CharField(max_length=3)
+    status = pw.CharField(max_length=16, default="active", constraints=[SQL("DEFAULT 'active'")])
+    captured_amount = pw.BigIntegerField(null=True)
+    # The capture's movement: its two entries (a card payment) share this id.
+    capture_movement_id = pw.UUIDField(null=True, unique=True)
+    merchant_name = pw.CharField(max_length=200)
+    merchant_category = pw.CharField(max_length=64)
+    channel = pw.CharField(max_length=16)
+    international = pw.BooleanField(default=False, constraints=[SQL("DEFAULT FALSE")])
+    description = pw.CharField(max_length=500, null=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+    resolved_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "card_holds"
+        constraints = [
+            _check("card_holds_amount_positive", "amount > 0"),
+            _currency_check("card_holds"),
+            _check("card_holds_status", _in("status", HOLD_STATUSES)),
+            _check("card_holds_channel", _in("channel", CARD_CHANNELS)),
+            _check("card_holds_captured",
+                   "(status = 'captured') = (captured_amount IS NOT NULL)"
+                   " AND (status = 'captured') = (capture_movement_id IS NOT NULL)"
+                   " AND (captured_amount IS NULL OR captured_amount BETWEEN 1 AND amount)"),
+            _check("card_holds_resolved",
+                   "(status = 'active') = (resolved_at IS NULL)"
+                   " AND (resolved_at IS NULL OR resolved_at >= created_at)"),
+            _check("card_holds_expiry",
+                   "expires_at > created_at AND expires_at <= created_at + interval '30 days'"),
+        ]
+        indexes = (
+            (("card", "created_at"), False),
+            (("account", "created_at"), False),
+        )
+
+
+# Only active holds: what every funds check sums, and what the expiry sweep looks for.
+CardHold.add_index(CardHold.index(CardHold.account, CardHold.expires_at,
+                                  where=(CardHold.status == "active"),
+                                  name="card_holds_active_account"))
+CardHold.add_index(CardHold.index(CardHold.expires_at, where=(CardHold.status == "active"),
+                                  name="card_holds_active_expiry"))
+
+
 #: Every model, in dependency order (create in this order, drop reversed).
 MODELS = (User, Account, Card, Transfer, P2PTransaction, Transaction, Investment,
-          InstrumentPrice, AuthToken, IdempotencyKey, AuditLog, EmailCode, MailOutbox)
+          InstrumentPrice, AuthToken, IdempotencyKey, AuditLog, EmailCode, MailOutbox,
+          CardHold)

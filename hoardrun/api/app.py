@@ -25,6 +25,7 @@ from . import admin as admin_routes
 from . import auth as auth_routes
 from . import cards as cards_routes
 from . import health as health_routes
+from . import holds as holds_routes
 from . import investments as investments_routes
 from . import media, openapi, problems
 from . import metrics as metrics_routes
@@ -79,10 +80,11 @@ def _routes(app, settings, health, clock, mailer):
     auth_routes.mount(app, settings, mailer=mailer, clock=clock)
     users_routes.mount(app, settings=settings, mailer=mailer, clock=clock)
     admin_routes.mount(app, settings, clock=clock)
-    accounts_routes.mount(app)
+    accounts_routes.mount(app, clock=clock)
     movements_routes.mount(app, settings)
     history_routes.mount(app, settings, clock=clock)
     cards_routes.mount(app, settings)
+    holds_routes.mount(app, clock=clock)
     investments_routes.mount(app, settings)
     prices_routes.mount(app, settings)
 

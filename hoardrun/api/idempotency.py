@@ -44,12 +44,14 @@ def _problem(req, exc):
     raise AssertionError("handle_domain_error always raises")  # pragma: no cover
 
 
-def idempotent(req, resp, action, location_prefix, *, kind):
-    """Run ``action`` (returns the 201 body dict) under the request's Idempotency-Key.
+def idempotent(req, resp, action, location_prefix, *, kind, status=201):
+    """Run ``action`` (returns the body dict) under the request's Idempotency-Key.
 
-    ``kind`` names the movement; ``req.context.movement`` is set to
-    ``(kind, outcome, reason)`` (``posted``, ``refused`` with the problem
-    code, or ``replayed``) for the metrics middleware.
+    The answer is ``status`` (201 by default, with ``Location:
+    <location_prefix>/<id>`` unless ``location_prefix`` is None). ``kind``
+    names the movement; ``req.context.movement`` is set to ``(kind, outcome,
+    reason)`` (``posted``, ``refused`` with the problem code, or
+    ``replayed``) for the metrics middleware.
     """
     key = idempotency.check_key(req.context.headers.idempotency_key)
     fingerprint = idempotency.request_hash(req.method, req.path,
@@ -62,7 +64,7 @@ def idempotent(req, resp, action, location_prefix, *, kind):
 
     try:
         outcome = idempotency.run(req.context.user.id, key, fingerprint,
-                                  lambda: (201, dumps(action())), on_error=refused,
+                                  lambda: (status, dumps(action())), on_error=refused,
                                   ttl=req.context.idempotency_ttl)
     except errors.HoardRunError as exc:
         if exc.status < 500:  # without a key a refusal propagates as the problem itself
@@ -77,7 +79,7 @@ def idempotent(req, resp, action, location_prefix, *, kind):
     resp.status = outcome.status
     resp.content_type = JSON if outcome.status < 400 else PROBLEM_JSON
     resp.data = outcome.body.encode("utf-8")
-    if outcome.status == 201:
+    if outcome.status == 201 and location_prefix is not None:
         resp.location = f"{location_prefix}/{json.loads(outcome.body)['id']}"
     if key is not None:
         resp.set_header(REPLAYED_HEADER, "true" if outcome.replayed else "false")

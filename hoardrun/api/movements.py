@@ -141,6 +141,65 @@ class P2PQuery(BaseModel):
     status: Literal[MOVEMENT_STATUSES] | None = None
 
 
+class BatchLegIn(BaseModel):
+    """One leg: from my account to my other account (``to_account_id``) or to another
+    user's primary account (``recipient_email`` or ``recipient_user_id``): exactly one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID | None = None
+    recipient_email: str | None = Field(None, max_length=254)
+    recipient_user_id: uuid.UUID | None = None
+    amount: str = Field(**_AMOUNT)
+    description: str | None = Field(None, max_length=movements.DESCRIPTION_MAX,
+                                    description="The transfer's description or the "
+                                                "payment's note")
+
+
+class BatchIn(BaseModel):
+    """Up to 100 legs, made together or not at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    legs: list[BatchLegIn] = Field(min_length=1, max_length=movements.BATCH_MAX_LEGS)
+
+
+class BatchLegOut(BaseModel):
+    index: int
+    kind: Literal["transfer", "p2p"]
+    id: uuid.UUID = Field(description="The transfer's or P2P payment's id (GET /transfers/{id} "
+                                      "or /p2p/{id})")
+    reference: str
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID | None = Field(description="Only for a transfer to my account")
+    counterparty: CounterpartyOut | None = Field(description="Only for a payment to a user")
+    amount: str
+    currency: str
+    description: str | None
+    status: Literal["completed"]
+    created_at: datetime
+
+
+class BatchOut(BaseModel):
+    id: uuid.UUID = Field(description="The batch (named in the audit log)")
+    legs: list[BatchLegOut]
+
+
+class LegProblem(BaseModel):
+    """Why one leg of a refused batch cannot be made."""
+
+    index: int = Field(description="The leg's position in the request, from 0")
+    type: str = Field(examples=["https://hoardrun.dev/problems/insufficient-funds"])
+    detail: str
+
+
+class BatchProblem(Problem):
+    """A refused batch: nothing moved; ``legs`` names every failing leg."""
+
+    legs: list[LegProblem] | None = None
+
+
 # --------------------------------------------------------------------------
 # Rendering
 
@@ -165,6 +224,17 @@ def render_payment(p):
             "amount": format_amount(p.amount, p.currency), "currency": p.currency,
             "note": p.note, "status": p.status, "created_at": p.created_at,
             "completed_at": p.completed_at, "reversal": render_reversal(p.reversal)}
+
+
+def render_batch(b):
+    return {"id": b.id, "legs": [{
+        "index": leg.index, "kind": leg.kind, "id": leg.id, "reference": leg.reference,
+        "from_account_id": leg.from_account_id, "to_account_id": leg.to_account_id,
+        "counterparty": None if leg.counterparty is None else render_counterparty(
+            leg.counterparty),
+        "amount": format_amount(leg.amount, leg.currency), "currency": leg.currency,
+        "description": leg.description, "status": "completed", "created_at": leg.created_at,
+    } for leg in b.legs]}
 
 
 _POST_RESPONSES = dict(HTTP_401=Problem, HTTP_404=Problem, HTTP_422=Problem)
@@ -306,6 +376,33 @@ class P2PPayment:
         resp.media = render_payment(history.payment(req.context.user.id, payment_id))
 
 
+class Batches:
+    """``POST /payments/batch``: many legs, all or none (Idempotency-Key honoured)."""
+
+    @spec.validate(json=BatchIn, headers=IdempotencyHeaders,
+                   resp=Response(HTTP_201=BatchOut, HTTP_401=Problem, HTTP_403=Problem,
+                                 HTTP_422=BatchProblem),
+                   security=BEARER, tags=TAGS)
+    def on_post(self, req, resp):
+        """Make up to 100 transfers and P2P payments at once: every leg or none.
+
+        Each leg is from one of my accounts to another of mine or to another
+        user (the P2P rules: verified recipients, their primary account, same
+        currency). Legs are checked in order against running balances; when
+        any leg cannot be made, nothing is, and the 422 ``batch-refused``
+        lists each failing leg as ``legs: [{index, type, detail}]``. One
+        ``Idempotency-Key`` covers the whole batch.
+        """
+        body = req.context.json
+        legs = [movements.LegRequest(
+            from_account_id=leg.from_account_id, amount=leg.amount,
+            to_account_id=leg.to_account_id, recipient_email=leg.recipient_email,
+            recipient_user_id=leg.recipient_user_id, description=leg.description)
+            for leg in body.legs]
+        idempotent(req, resp, lambda: render_batch(movements.batch(
+            req.context.user.id, legs, request_id=req.context.request_id)), None, kind="batch")
+
+
 def mount(app, settings):
     """Add the money-movement routes to ``app``."""
     accounts = f"{API_PREFIX}/accounts/{{account_id:uuid}}"
@@ -315,3 +412,4 @@ def mount(app, settings):
     app.add_route(f"{API_PREFIX}/transfers/{{transfer_id:uuid}}", Transfer())
     app.add_route(f"{API_PREFIX}/p2p", P2PPayments(settings))
     app.add_route(f"{API_PREFIX}/p2p/{{payment_id:uuid}}", P2PPayment())
+    app.add_route(f"{API_PREFIX}/payments/batch", Batches())

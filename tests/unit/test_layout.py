@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hoardrun"
 #: Top to bottom. ``api`` stands for every module under hoardrun/api/.
 LAYERS = (
     ("api", {"api"}),
-    ("services", {"accounts", "admin", "auth", "cards", "health", "history", "idempotency",
+    ("services", {"accounts", "admin", "auth", "cards", "health", "history", "holds",
+                  "idempotency",
                   "investments", "movements", "users", "sample", "backup", "verification"}),
     ("ledger", {"ledger"}),
     ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail"}),
