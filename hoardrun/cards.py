@@ -373,7 +373,7 @@ def merchant_details(channel, merchant_name, merchant_category, description):
 
 
 def pay(user_id, card_id, *, amount, currency, merchant_name, merchant_category, channel,
-        international=False, description=None, request_id=None):
+        international=False, description=None, request_id=None, now=None):
     """Pay ``amount`` (decimal string in ``currency``) with the card; one ledger debit.
 
     Refused (422, nothing written) when the card is frozen, cancelled or
@@ -388,7 +388,7 @@ def pay(user_id, card_id, *, amount, currency, merchant_name, merchant_category,
         posting = ledger.card_payment(
             user_id, card_id, minor, currency=currency, merchant_name=merchant_name,
             merchant_category=merchant_category, channel=channel,
-            international=bool(international), description=description)
+            international=bool(international), description=description, now=now)
         payment = CardPayment(
             id=posting.debit.entry_id, card_id=card_id, account_id=posting.debit.account_id,
             kind="payment", amount=posting.amount, currency=posting.currency,

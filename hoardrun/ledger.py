@@ -247,12 +247,14 @@ def reverse(entry_id, *, description=None):
 
 
 def card_payment(user_id, card_id, amount, *, merchant_name, merchant_category, channel,
-                 international=False, currency=None, description=None):
+                 international=False, currency=None, description=None, now=None):
     """Pay a merchant with a card: one debit of the card's account carrying the card id.
 
     The card row is locked first, so concurrent payments on one card can
     never exceed its daily (UTC day) or monthly (UTC month) limit; spent is
     what left the account on this card in the period, less what came back.
+    The period is the UTC day and month of ``now`` (the application's
+    clock); the entry itself is stamped by the database.
     """
     _check_amount(amount)
     if channel not in CARD_CHANNELS:
@@ -261,7 +263,7 @@ def card_payment(user_id, card_id, amount, *, merchant_name, merchant_category, 
     return _LEDGER.card_payment(uuid.uuid4(), _uuid(user_id, "user_id"),
                                    _uuid(card_id, "card_id"), amount, currency, merchant_name,
                                    merchant_category, channel, bool(international),
-                                   description or merchant_name)
+                                   description or merchant_name, now or utcnow())
 
 
 def card_refund(user_id, payment_entry_id, amount, *, description=None):
@@ -598,10 +600,10 @@ class _PostgresLedger:
         return self._call("hoardrun_reverse", entry_id.hex, movement_id.hex, description)
 
     def card_payment(self, movement_id, user_id, card_id, amount, currency, merchant_name,
-                     merchant_category, channel, international, description):
+                     merchant_category, channel, international, description, now):
         return self._call("hoardrun_card_payment", movement_id.hex, user_id.hex, card_id.hex,
                           amount, currency, merchant_name, merchant_category, channel,
-                          international, description)
+                          international, description, now)
 
     def card_refund(self, movement_id, user_id, payment_id, amount, description):
         return self._call("hoardrun_card_refund", movement_id.hex, user_id.hex, payment_id.hex,

@@ -83,7 +83,7 @@ def _routes(app, settings, health, clock, mailer):
     accounts_routes.mount(app, clock=clock)
     movements_routes.mount(app, settings)
     history_routes.mount(app, settings, clock=clock)
-    cards_routes.mount(app, settings)
+    cards_routes.mount(app, settings, clock=clock)
     holds_routes.mount(app, clock=clock)
     investments_routes.mount(app, settings)
     prices_routes.mount(app, settings)

@@ -185,8 +185,9 @@ def _card_response():
 class Cards:
     """``/cards``: my cards; issue a new one."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, clock):
         self.settings = settings
+        self.clock = clock
 
     @spec.validate(query=CardListQuery, resp=Response(HTTP_200=CardList, **_ERRORS),
                    security=BEARER, tags=TAGS)
@@ -210,7 +211,7 @@ class Cards:
         body = req.context.json
         issued = cards.issue_card(req.context.user.id, body.account_id, body.type,
                                   body.cardholder_name, settings=self.settings,
-                                  request_id=req.context.request_id)
+                                  request_id=req.context.request_id, now=self.clock())
         resp.status = 201
         resp.location = f"{PREFIX}/{issued.card.id}"
         # The number must not outlive this response in any cache.
@@ -279,6 +280,9 @@ class Controls:
 class Payments:
     """``POST /cards/{card_id}/payments``: pay a merchant (Idempotency-Key honoured)."""
 
+    def __init__(self, clock):
+        self.clock = clock
+
     @spec.validate(json=PaymentIn, headers=IdempotencyHeaders,
                    resp=Response(HTTP_201=PaymentOut, **_ERRORS), security=BEARER, tags=TAGS)
     def on_post(self, req, resp, card_id):
@@ -296,8 +300,9 @@ class Payments:
             req.context.user.id, card_id, amount=body.amount, currency=body.currency,
             merchant_name=body.merchant_name, merchant_category=body.merchant_category,
             channel=body.channel, international=body.international,
-            description=body.description, request_id=req.context.request_id),
-            body.channel, body.international), TRANSACTIONS, kind="card_payment")
+            description=body.description, request_id=req.context.request_id,
+            now=self.clock()), body.channel, body.international), TRANSACTIONS,
+            kind="card_payment")
 
 
 class Refunds:
@@ -317,15 +322,15 @@ class Refunds:
             request_id=req.context.request_id)), TRANSACTIONS, kind="card_refund")
 
 
-def mount(app, settings):
-    """Add the card routes to ``app``."""
+def mount(app, settings, *, clock):
+    """Add the card routes to ``app``; ``clock`` says when a payment happens."""
     card = f"{PREFIX}/{{card_id:uuid}}"
-    app.add_route(PREFIX, Cards(settings))
+    app.add_route(PREFIX, Cards(settings, clock))
     app.add_route(card, Card())
     app.add_route(f"{card}/freeze", Freeze())
     app.add_route(f"{card}/unfreeze", Unfreeze())
     app.add_route(f"{card}/cancel", Cancel())
     app.add_route(f"{card}/limits", Limits())
     app.add_route(f"{card}/controls", Controls())
-    app.add_route(f"{card}/payments", Payments())
+    app.add_route(f"{card}/payments", Payments(clock))
     app.add_route(f"{card}/payments/{{payment_id:uuid}}/refunds", Refunds())

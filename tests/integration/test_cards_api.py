@@ -1,14 +1,17 @@
 """Cards through the HTTP API: issue, manage, pay, refund."""
 
+import dataclasses
 import http.client
 import json
 import threading
 import uuid
-from datetime import datetime, timezone
 
 import pytest
 
-from hoardrun import ledger
+from falcon import testing
+
+from hoardrun import auth, ledger
+from hoardrun.api import create_app
 from hoardrun.models import Account, AuditLog, Card, Transaction
 from hoardrun.security import TEST_BIN, is_luhn_valid
 from tests.integration.conftest import LiveServer
@@ -80,8 +83,12 @@ def card(client, jane, account):
 # --------------------------------------------------------------------------
 # Issue and read
 
-def test_issue_shows_the_full_number_once_and_masked_ever_after(client, jane, account):
-    result = issue(client, jane, account, type="prepaid", cardholder_name="  Jane   Doe ")
+def test_issue_shows_the_full_number_once_and_masked_ever_after(client, jane, account,
+                                                               settings, clock):
+    # Issued by an app whose clock is pinned: the expiry is read from it, not the wall,
+    # so a run that crosses midnight at the end of a month cannot disagree with itself.
+    issuing = testing.TestClient(create_app(settings, clock=clock))
+    result = issue(issuing, jane, account, type="prepaid", cardholder_name="  Jane   Doe ")
     assert result.status_code == 201, result.text
     body = result.json
     number = body["number"]
@@ -94,8 +101,7 @@ def test_issue_shows_the_full_number_once_and_masked_ever_after(client, jane, ac
         ("1000.00", "5000.00", "USD")
     assert (body["online_enabled"], body["contactless_enabled"],
             body["international_enabled"]) == (True, True, False)
-    now = datetime.now(timezone.utc)
-    assert (body["expiry_month"], body["expiry_year"]) == (now.month, now.year + 3)
+    assert (body["expiry_month"], body["expiry_year"]) == (clock.now.month, clock.now.year + 3)
     assert result.headers["location"] == f"{API}/cards/{body['id']}"
     assert result.headers["cache-control"] == "no-store"
     assert not any("cvv" in key.lower() or "cvc" in key.lower() for key in body)
@@ -329,22 +335,26 @@ def test_payment_refusals_for_money(client, jane, card):
     assert Transaction.select().where(Transaction.card == card["id"]).count() == 0
 
 
-def test_monthly_limit_counts_earlier_days_of_the_month(client, jane, card):
+def test_monthly_limit_counts_earlier_days_of_the_month(client, jane, card, settings, clock):
     url = f"{API}/cards/{card['id']}/limits"
     client.simulate_patch(url, headers=jane.headers,
                           json={"daily_limit": "50.00", "monthly_limit": "60.00"})
-    now = datetime.now(timezone.utc)
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    # The app's clock says when "today" is: the 15th, whatever the date of the run.
+    clock.now = clock.now.replace(day=15, hour=12, minute=0, second=0, microsecond=0)
+    month_start = clock.now.replace(day=1, hour=0)
     # A payment on the 1st of this month, written as the ledger writes one
     # (entries are insert-only, so it cannot be back-dated any other way).
     Transaction.insert(id=uuid.uuid4(), account=card["account_id"], movement_id=uuid.uuid4(),
                        type="payment", direction="outbound", amount=4_000, currency="USD",
                        balance_after=96_000, card=card["id"],
                        reference="E" + uuid.uuid4().hex, created_at=month_start).execute()
-    # On the 1st that payment is also today's, so the daily limit speaks first.
-    code = "daily-limit-exceeded" if now.day == 1 else "monthly-limit-exceeded"
-    problem(pay(client, jane, card["id"], "25.00"), 422, code)
-    assert pay(client, jane, card["id"], "10.00" if now.day == 1 else "20.00").status_code == 201
+    on_the_15th = testing.TestClient(create_app(settings, clock=clock))
+    # A token that is valid on the 15th (the app checks tokens against its clock too).
+    token, _ = auth.issue_token(jane.id, now=clock.now)
+    jane = dataclasses.replace(jane, token=token)
+    # 25.00 fits the day (nothing else today) but not the month (40.00 already).
+    problem(pay(on_the_15th, jane, card["id"], "25.00"), 422, "monthly-limit-exceeded")
+    assert pay(on_the_15th, jane, card["id"], "20.00").status_code == 201
 
 
 def test_refunds_add_up_to_the_payment_at_most(client, jane, card, make_user):

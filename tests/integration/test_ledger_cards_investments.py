@@ -86,18 +86,17 @@ def test_daily_limit_counts_refunds_back(owner, funded):
 
 def test_monthly_limit_counts_earlier_days_of_the_month(owner, funded):
     card = make_card(owner, funded, daily_limit=5_000, monthly_limit=6_000)
-    now = datetime.now(timezone.utc)
-    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    # "Now" is the 15th, whatever the date of the run: the 1st is an earlier day.
+    now = datetime.now(timezone.utc).replace(day=15, hour=12, minute=0, second=0, microsecond=0)
+    month_start = now.replace(day=1, hour=0)
     # An earlier payment this month, written as the ledger would have (entries are insert-only).
     Transaction.insert(id=uuid.uuid4(), account=funded.id, movement_id=uuid.uuid4(),
                        type="payment", direction="outbound", amount=4_000, currency="USD",
                        balance_after=96_000, card=card.id, reference="E" + uuid.uuid4().hex,
                        created_at=month_start).execute()
-    # On the 1st the month so far is also today, so the daily limit speaks first.
-    expected = errors.DailyLimitExceeded if now.day == 1 else errors.MonthlyLimitExceeded
-    with pytest.raises(expected):
-        pay(owner, card, 2_500)
-    pay(owner, card, 1_000 if now.day == 1 else 2_000)
+    with pytest.raises(errors.MonthlyLimitExceeded):
+        pay(owner, card, 2_500, now=now)
+    pay(owner, card, 2_000, now=now)
 
 
 def test_refunds_cannot_exceed_the_payment(owner, funded):
