@@ -96,6 +96,11 @@ def new_reference(prefix, ident):
     return f"{prefix}-{ident.hex.upper()}"
 
 
+def entry_reference(entry_id):
+    """The reference the ledger functions give entry ``entry_id`` ('E' and its hex)."""
+    return "E" + entry_id.hex
+
+
 def _check_amount(amount):
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise errors.AmountError("amount must be an integer number of minor units",
