@@ -12,6 +12,7 @@ import random
 import threading
 import uuid
 from collections import Counter
+from decimal import Decimal
 from urllib.parse import urlsplit, urlunsplit
 
 import peewee as pw
@@ -20,7 +21,7 @@ import pytest
 
 from hoardrun import errors, ledger, schema
 from hoardrun.db import db
-from hoardrun.models import Account, User
+from hoardrun.models import Account, Card, User
 from tests.integration.test_migrations import scratch  # noqa: F401 (a fixture)
 
 USD, EUR = "USD", "EUR"
@@ -100,6 +101,42 @@ def test_concurrent_deposits_each_take_their_own_settlement_bucket(database, uid
         bucket = Account.get_by_id(posting.debit.account_id)
         # Each bucket took exactly its one deposit: its own balance, nobody else's.
         assert bucket.balance == posting.debit.balance_after == -posting.amount
+    assert ledger.verify() == []
+    assert currency_totals() == {USD: 0}
+
+
+def test_card_payments_refunds_and_trades_spread_over_buckets_too(database, uid):
+    """Every cash movement that meets the outside world takes a bucket of its own."""
+    user = make_user(uid)
+    cash = [make_account(user) for _ in range(3)]
+    brokerage = Account.create(user=user, account_number=str(uuid.uuid4().int)[:11],
+                               name="Brokerage", type="investment", currency=USD)
+    for account in cash + [brokerage]:
+        ledger.deposit(account.id, 10_000)
+    cards = [Card.create(user=user.id, account=a.id, type="debit", cardholder_name="Ann L",
+                         number_encrypted="opaque", number_fingerprint=uuid.uuid4().hex,
+                         last_four="1234", masked_number="**** **** **** 1234", expiry_month=12,
+                         expiry_year=2099, daily_limit=5_000, monthly_limit=20_000)
+             for a in cash]
+    paid = ledger.card_payment(user.id, cards[2].id, 900, merchant_name="Shop",
+                               merchant_category="5411", channel="chip")
+    ledger.set_price("ACME", Decimal("1.25"), name="Acme Corp", type="stock", currency=USD)
+    db.close()
+
+    movements = [
+        lambda: ledger.card_payment(user.id, cards[0].id, 100, merchant_name="Shop",
+                                    merchant_category="5411", channel="chip"),
+        lambda: ledger.card_payment(user.id, cards[1].id, 200, merchant_name="Shop",
+                                    merchant_category="5411", channel="chip"),
+        lambda: ledger.card_refund(user.id, paid.debit.entry_id, 300),
+        lambda: ledger.buy(user.id, brokerage.id, "ACME", Decimal("4")).posting,
+    ]
+    postings = held_open_together(len(movements), lambda i: movements[i]())
+
+    settlement = set(ledger.settlement_account_ids(USD))
+    sides = [{p.debit.account_id, p.credit.account_id} & settlement for p in postings]
+    assert all(len(side) == 1 for side in sides)  # one leg each meets the outside world
+    assert len(set().union(*sides)) == len(movements)
     assert ledger.verify() == []
     assert currency_totals() == {USD: 0}
 
