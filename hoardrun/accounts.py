@@ -19,7 +19,7 @@ from .money import get_currency
 from .security import luhn_check_digit
 
 # Customer numbers: 10 random digits (first non-zero) + a Luhn check digit.
-# Settlement numbers are 8 digits, so the two ranges can never collide.
+# Settlement numbers are 8 or 10 digits, so the two ranges can never collide.
 ACCOUNT_NUMBER_DIGITS = 11
 _NUMBER_ATTEMPTS = 5
 NAME_MAX = 100

@@ -3,8 +3,10 @@
 Each movement posts exactly two immutable entries (double entry) that share
 a ``movement_id``: the account debited gets an outbound entry, the account
 credited an inbound one, each with the balance it left behind. Deposits and
-withdrawals post against the currency's settlement account, so every
-currency sums to zero over all accounts.
+withdrawals post against one of the currency's settlement accounts (its
+settlement buckets, one chosen per movement so that concurrent movements do
+not queue on one row: migration 009), so every currency sums to zero over
+all accounts.
 
 The rules are written once, as reviewed PL/pgSQL functions installed by
 the migrations (002, 003, …): each movement is one call that locks the
@@ -161,6 +163,11 @@ class BatchLeg:
 def new_reference(prefix, ident):
     """A unique, human-quotable reference derived from a movement's id."""
     return f"{prefix}-{ident.hex.upper()}"
+
+
+def entry_reference(entry_id):
+    """The reference the ledger functions give entry ``entry_id`` ('E' and its hex)."""
+    return "E" + entry_id.hex
 
 
 def _check_amount(amount):
@@ -555,9 +562,15 @@ def _verify_holds():
     return problems
 
 
-def settlement_account_id(currency):
-    """The id of ``currency``'s settlement account, creating it on first use."""
-    return _LEDGER.settlement_account(currency)
+def settlement_account_ids(currency):
+    """The ids of ``currency``'s settlement accounts (its buckets), in bucket order.
+
+    A currency has as many as its cash movements have needed at once (none
+    before its first one); together they stand for the world outside.
+    """
+    return [uuid.UUID(str(account_id)) for (account_id,) in db.execute_sql(
+        "SELECT id FROM accounts WHERE type = 'settlement' AND currency = %s "
+        "ORDER BY settlement_bucket", (currency,))]
 
 
 def _opt_uuid(value):
@@ -668,10 +681,6 @@ class _PostgresLedger:
             return db.execute_sql(sql, args).fetchone()
         except pw.DatabaseError as exc:
             raise _translate_pg(exc) from None
-
-    def settlement_account(self, currency):
-        row = db.execute_sql("SELECT hoardrun_settlement_account(%s)", (currency,)).fetchone()
-        return uuid.UUID(str(row[0]))
 
 
 def _translate_pg(exc):

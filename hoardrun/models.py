@@ -17,8 +17,9 @@ from .money import CURRENCY_CODES
 USER_ROLES = ("user", "premium", "admin")
 USER_STATUSES = ("pending", "active", "suspended", "deactivated")
 ACCOUNT_TYPES = ("checking", "savings", "investment", "credit", "business")
-# Settlement accounts stand for the world outside HoardRun, one per currency;
-# they are the only accounts without an owner.
+# Settlement accounts stand for the world outside HoardRun; they are the only
+# accounts without an owner. A currency has several, its settlement buckets
+# (migration 009), so cash movements of one currency do not queue on one row.
 SETTLEMENT = "settlement"
 ACCOUNT_STATUSES = ("active", "inactive", "suspended", "closed", "pending")
 ENTRY_TYPES = ("deposit", "withdrawal", "transfer_in", "transfer_out", "p2p_in", "p2p_out",
@@ -121,6 +122,8 @@ class Account(BaseModel):
     created_at = UTCDateTimeField(constraints=_now())
     updated_at = UTCDateTimeField(constraints=_now())
     closed_at = UTCDateTimeField(null=True)
+    # Which of its currency's settlement accounts this is; NULL on customer accounts.
+    settlement_bucket = pw.SmallIntegerField(null=True)
 
     class Meta:
         table_name = "accounts"
@@ -142,6 +145,9 @@ class Account(BaseModel):
                    "type = 'settlement' OR balance >= -overdraft_limit"),
             _check("accounts_primary_owner", "NOT is_primary OR user_id IS NOT NULL"),
             _check("accounts_closed_at", "(status = 'closed') = (closed_at IS NOT NULL)"),
+            _check("accounts_settlement_bucket",
+                   "(type = 'settlement') = (settlement_bucket IS NOT NULL)"
+                   " AND (settlement_bucket IS NULL OR settlement_bucket BETWEEN 0 AND 99)"),
         ]
         indexes = (
             (("user", "created_at"), False),
@@ -152,9 +158,9 @@ class Account(BaseModel):
 # would also allow only one non-primary account, hence the partial index.
 Account.add_index(Account.index(Account.user, unique=True, where=(Account.is_primary == True),  # noqa: E712
                                 name="accounts_one_primary_per_user"))
-Account.add_index(Account.index(Account.currency, unique=True,
+Account.add_index(Account.index(Account.currency, Account.settlement_bucket, unique=True,
                                 where=(Account.type == SETTLEMENT),
-                                name="accounts_one_settlement_per_currency"))
+                                name="accounts_one_settlement_per_bucket"))
 
 
 class Card(BaseModel):

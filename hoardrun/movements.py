@@ -99,9 +99,17 @@ def _cash(user_id, account_id, amount, description, request_id, *, inbound):
         mine = posting.credit if inbound else posting.debit
         _movement_audit("deposit.create" if inbound else "withdrawal.create", "transaction",
                         mine.entry_id, user_id, posting, request_id)
-        # Read back through the history query, so this response has exactly
-        # the shape (and values) GET /transactions/{id} will show.
-        return history.entry(user_id, mine.entry_id)
+    # Built from the posting, as transfers are (a read-back costs a query on
+    # the hot path): these are the values the ledger wrote, so the body is
+    # what GET /transactions/{id} shows (tests compare the two).
+    return history.Entry(
+        id=mine.entry_id, account_id=account_id, movement_id=posting.movement_id,
+        type="deposit" if inbound else "withdrawal",
+        direction="inbound" if inbound else "outbound", amount=posting.amount,
+        currency=posting.currency, balance_after=mine.balance_after, description=description,
+        merchant_name=None, merchant_category=None, reference=ledger.entry_reference(mine.entry_id),
+        status="completed", created_at=posting.posted_at, transfer_id=None, p2p_id=None,
+        reverses_id=None, counterparty=history.Counterparty("external"))
 
 
 def transfer(user_id, from_account_id, to_account_id, amount, *, currency=None,

@@ -260,7 +260,14 @@ CHECK_CASES = [
     bad("accounts", "accounts_type", type="premium"),
     bad("accounts", "accounts_type", type="Checking"),
     bad("accounts", "accounts_owner", user_id=None),
-    bad("accounts", "accounts_owner", type="settlement", currency="EUR"),
+    bad("accounts", "accounts_owner", type="settlement", currency="EUR", settlement_bucket=0),
+    bad("accounts", "accounts_settlement_bucket", type="settlement", user_id=None,
+        currency="EUR"),
+    bad("accounts", "accounts_settlement_bucket", settlement_bucket=0),
+    bad("accounts", "accounts_settlement_bucket", type="settlement", user_id=None,
+        currency="EUR", settlement_bucket=100),
+    bad("accounts", "accounts_settlement_bucket", type="settlement", user_id=None,
+        currency="EUR", settlement_bucket=-1),
     bad("accounts", "accounts_status", status="frozen"),
     bad("accounts", "accounts_currency_iso", currency="usd"),
     bad("accounts", "accounts_currency_iso", currency="XXX"),
@@ -274,7 +281,7 @@ CHECK_CASES = [
     bad("accounts", "accounts_balance_floor", balance=-1),
     bad("accounts", "accounts_balance_floor", balance=-10_001, overdraft_limit=10_000),
     bad("accounts", "accounts_primary_owner", type="settlement", user_id=None,
-        currency="GBP", is_primary=True),
+        currency="GBP", is_primary=True, settlement_bucket=0),
     bad("accounts", "accounts_closed_at", status="closed"),
     bad("accounts", "accounts_closed_at", closed_at=WHEN),
     # cards
@@ -377,7 +384,10 @@ GOOD_CASES = [
     ("users", {"role": "admin", "status": "pending"}),
     ("accounts", {"balance": -10_000, "overdraft_limit": 10_000}),  # exactly at the floor
     ("accounts", {"type": "settlement", "user_id": None, "currency": "JPY",
+                  "settlement_bucket": 0,
                   "balance": -10 ** 15}),  # settlement mirrors the world: no floor
+    ("accounts", {"type": "settlement", "user_id": None, "currency": "JPY",
+                  "settlement_bucket": 99}),  # the highest bucket a number can carry
     ("accounts", {"status": "closed", "closed_at": WHEN}),
     ("accounts", {"currency": "KWD", "interest_rate": "100"}),
     ("cards", {"masked_number": "4242 **** **** 4242"}),
@@ -431,7 +441,8 @@ def test_check_constraint_refuses_raw_update(database, world, table, target, ass
 
 def test_settlement_account_may_go_negative_by_update(database, world):
     """The balance floor exempts settlement accounts, which mirror money that left."""
-    settlement = world.add("accounts", type="settlement", user_id=None, currency="EUR")
+    settlement = world.add("accounts", type="settlement", user_id=None, currency="EUR",
+                           settlement_bucket=0)
     run(database, "UPDATE accounts SET balance = -500000 WHERE id = ?", [settlement])
     assert run(database, "SELECT balance FROM accounts WHERE id = ?",
                [settlement]).fetchone()[0] == -500000
@@ -497,16 +508,17 @@ def test_one_primary_account_per_user(database, world):
                  [world.alice, True]) == 1
 
 
-def test_one_settlement_account_per_currency(database, world):
-    """Each currency has exactly one settlement account; customer accounts are unaffected."""
-    world.add("accounts", type="settlement", user_id=None, currency="USD")
-    world.add("accounts", type="settlement", user_id=None, currency="JPY")
+def test_one_settlement_account_per_currency_bucket(database, world):
+    """A currency has one settlement account per bucket; customer accounts are unaffected."""
+    world.add("accounts", type="settlement", user_id=None, currency="USD", settlement_bucket=0)
+    world.add("accounts", type="settlement", user_id=None, currency="USD", settlement_bucket=1)
+    world.add("accounts", type="settlement", user_id=None, currency="JPY", settlement_bucket=0)
     message = refused_insert(database, "accounts", world.row(
-        "accounts", type="settlement", user_id=None, currency="USD"))
-    assert unique_violation(database, "accounts", ["currency"],
-                            "accounts_one_settlement_per_currency") in message
+        "accounts", type="settlement", user_id=None, currency="USD", settlement_bucket=1))
+    assert unique_violation(database, "accounts", ["currency", "settlement_bucket"],
+                            "accounts_one_settlement_per_bucket") in message
     world.add("accounts", currency="USD", name="Another USD account")
-    assert count(database, "accounts", "type = 'settlement'") == 2
+    assert count(database, "accounts", "type = 'settlement'") == 3
 
 
 UNIQUE_CASES = [

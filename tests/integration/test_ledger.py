@@ -89,9 +89,16 @@ def world(database, uid):
 # Happy paths
 
 
+def settlement_total(currency):
+    """What the currency's settlement buckets hold together."""
+    return sum(balance(Account.get_by_id(i)) for i in ledger.settlement_account_ids(currency))
+
+
 def test_deposit_credits_the_account_against_the_settlement_account(world):
     posting = ledger.deposit(world.a1.id, 10_000, description="Salary")
-    settlement = Account.get_by_id(ledger.settlement_account_id(USD))
+    settlement = Account.get_by_id(posting.debit.account_id)
+    assert (settlement.type, settlement.currency) == ("settlement", USD)
+    assert ledger.settlement_account_ids(USD) == [settlement.id]
     inbound, outbound = assert_pair(posting, 10_000, debit=settlement, credit=world.a1,
                                     debit_balance=-10_000, credit_balance=10_000)
     assert (inbound.type, outbound.type) == ("deposit", "settlement")
@@ -103,11 +110,14 @@ def test_deposit_credits_the_account_against_the_settlement_account(world):
 def test_withdraw_debits_the_account(world):
     ledger.deposit(world.a1.id, 5_000)
     posting = ledger.withdraw(world.a1.id, 1_234)
-    settlement = Account.get_by_id(ledger.settlement_account_id(USD))
+    settlement = Account.get_by_id(posting.credit.account_id)
+    assert (settlement.type, settlement.currency) == ("settlement", USD)
+    # The deposit may have used another bucket: the leg shows this bucket's own balance.
     inbound, outbound = assert_pair(posting, 1_234, debit=world.a1, credit=settlement,
-                                    debit_balance=3_766, credit_balance=-3_766)
+                                    debit_balance=3_766, credit_balance=balance(settlement))
     assert (inbound.type, outbound.type) == ("settlement", "withdrawal")
     assert balance(world.a1) == 3_766
+    assert settlement_total(USD) == -3_766
 
 
 def test_transfer_moves_money_between_own_accounts_and_records_the_transfer(world):

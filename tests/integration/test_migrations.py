@@ -211,7 +211,7 @@ def test_migrated_indexes_match_models(database, models_database):
     assert _index_shapes(migrated) == _index_shapes(from_models)
     # The two partial unique indexes the rules rely on are really partial.
     partial = {name: shape for (_, name), shape in migrated["indexes"].items() if shape[2]}
-    assert {"accounts_one_primary_per_user", "accounts_one_settlement_per_currency"} <= set(partial)
+    assert {"accounts_one_primary_per_user", "accounts_one_settlement_per_bucket"} <= set(partial)
 
 
 def test_migrated_index_names_match_models(database, models_database):

@@ -57,6 +57,21 @@ def test_deposit_returns_the_new_entry_with_a_location_that_shows_it(client, jan
     assert ledger.verify() == []
 
 
+@pytest.mark.parametrize("currency, amount", [("USD", "7.25"), ("JPY", "725"),
+                                              ("KWD", "7.250")])
+def test_cash_bodies_are_what_the_entry_shows_later(client, jane, currency, amount):
+    """A deposit's and a withdrawal's 201 body is exactly its GET /transactions/{id}."""
+    acc = open_account(client, jane, currency=currency)
+    for path, body in (("deposits", {"amount": amount, "description": "In"}),
+                       ("withdrawals", {"amount": amount})):
+        result = post_money(client, jane, f"/accounts/{acc['id']}/{path}", body)
+        entry = ok(result, 201)
+        assert ok(client.simulate_get(result.headers["location"], headers=jane.headers),
+                  200) == entry
+    assert (entry["type"], entry["description"], entry["balance_after"]) == (
+        "withdrawal", None, "0" if currency == "JPY" else "0." + "0" * (len(amount) - 2))
+
+
 def test_withdrawal_may_use_the_overdraft_exactly_and_not_one_cent_more(client, jane):
     acc = open_account(client, jane)
     Account.update(overdraft_limit=1_000).where(Account.id == acc["id"]).execute()

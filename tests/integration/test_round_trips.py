@@ -132,6 +132,23 @@ def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
     assert "INSERT INTO audit_log" in sent[2] and "INSERT INTO idempotency_keys" in sent[2]
 
 
+def test_a_keyed_deposit_costs_three_round_trips_like_a_transfer(client, make_user, sent):
+    """Token; the ledger call; audit + key + COMMIT: no read-back of the entry just written."""
+    import money_helpers as mh
+
+    person = make_user()
+    account = mh.open_account(client, person)["id"]
+    mh.deposit(client, person, account, "1.00")  # reads (and keeps) the account's currency
+    for path in ("deposits", "withdrawals"):
+        sent.clear()
+        result = mh.post_money(client, person, f"/accounts/{account}/{path}",
+                               {"amount": "0.50"}, key=uuid.uuid4().hex)
+        assert result.status_code == 201, result.text
+        assert len(sent) == 3, sent
+        assert sent[1].startswith("BEGIN; SELECT * FROM hoardrun_cash")
+        assert "INSERT INTO idempotency_keys" in sent[2] and sent[2].endswith("COMMIT")
+
+
 def test_a_connection_without_the_prepared_lookup_prepares_it_on_use(client, make_user):
     """A pooled connection that lost its prepared statements (or predates them) recovers."""
     from hoardrun import auth
