@@ -18,8 +18,9 @@ LAYERS = (
     ("api", {"api"}),
     ("services", {"accounts", "admin", "auth", "cards", "health", "history", "idempotency",
                   "investments", "movements", "users", "sample", "backup", "verification"}),
-    ("ledger", {"ledger"}),
-    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail"}),
+    ("ledger", {"ledger", "chain"}),
+    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail",
+                "roles"}),
     ("db", {"db", "embedded"}),
     ("base", {"config", "errors", "money", "__init__"}),
 )
