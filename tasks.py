@@ -601,17 +601,30 @@ def set_price(c, symbol, price, name=None, type=None, currency=None):
 
 # --------------------------------------------------------------------------- test
 
+FUZZ_TEST = ROOT / "tests" / "integration" / "test_ledger_fuzz.py"
+
+
 @task(help={
     "database_only": "run only the database tests (tests/integration)",
     "coverage": "measure coverage of hoardrun/ and list the lines never run",
     "specific": "run only this test file, directory or node id",
+    "long": "run the ledger fuzzer (tests/integration/test_ledger_fuzz.py) for SECONDS more "
+            "with fresh random sequences, after its usual derandomized ones",
 })
-def test(c, database_only=False, coverage=False, specific=None):
+def test(c, database_only=False, coverage=False, specific=None, long=0):
     """Run the tests with pytest (on TEST_DATABASE_URL, else on an embedded server of their own)."""
+    import os
+
     import pytest
 
     if database_only and specific:
         raise Exit("use either --database-only or --specific, not both", code=1)
+    if long < 0:
+        raise Exit(f"--long={long} is not valid: expected seconds >= 0", code=1)
+    if long:
+        # Read by the fuzz test; only that test runs unless --specific names more.
+        os.environ["HOARDRUN_FUZZ_SECONDS"] = str(long)
+        specific = specific or f"{FUZZ_TEST}::test_random_sequences_keep_the_ledger_equal_to_its_model"
     args = [specific] if specific else [
         str(ROOT / "tests" / "integration") if database_only else str(ROOT / "tests")]
     if coverage:
