@@ -333,14 +333,35 @@ def server(c, stop=False, status=False):
         raise Exit("the embedded server is not running (start it: invoke db.server)", code=1)
 
 
-@task
-def init(c):
-    """Create the database if it is missing and apply every migration."""
+@task(auto_shortflags=False, help={
+    "app_role": "also create (if missing) the login role NAME the app should connect as, with "
+                "exactly its grants: no UPDATE, DELETE or TRUNCATE of ledger entries and audit "
+                "rows; its password is HOARDRUN_APP_ROLE_PASSWORD when set"})
+def init(c, app_role=None):
+    """Create the database if it is missing, apply every migration, optionally grant the app role."""
+    import os
+
+    from hoardrun import roles
+
+    if app_role is not None:
+        try:
+            roles.check_role_name(app_role)
+        except ValueError as error:
+            raise Exit(str(error), code=1) from None
     settings = _settings()
     with _guard_settings(settings):
         _create_postgres_database_if_missing(settings)
     with _database(settings) as (settings, database):
         _apply_migrations(settings, database)
+        if app_role is None:
+            return
+        try:
+            created, guarded, others = roles.grant_app_role(
+                database, app_role, password=os.environ.get("HOARDRUN_APP_ROLE_PASSWORD"))
+        except ValueError as error:
+            raise Exit(str(error), code=1) from None
+    print(f"{'created' if created else 'updated'} role {app_role}: SELECT, INSERT on "
+          f"{', '.join(guarded)}; SELECT, INSERT, UPDATE, DELETE on {len(others)} other tables")
 
 
 @task
@@ -435,19 +456,24 @@ def reset(c, yes=False):
         _apply_migrations(settings, database)
 
 
-@task
-def verify(c):
+@task(help={"chain": "also recompute every account's hash chain and name the first entry "
+                     "whose content or order was changed"})
+def verify(c, chain=False):
     """Check the ledger invariants; print each problem and exit 1 on any drift."""
     with _database() as (settings, database):
+        from hoardrun import chain as history_chain
         from hoardrun import ledger
 
         _require_migrated(database)
         problems = ledger.verify()
+        if chain:
+            problems += history_chain.verify_chain()
     for problem in problems:
         print(problem)
     if problems:
         raise Exit(f"ledger drift: {len(problems)} problem(s) found", code=1)
-    print("ledger verified: balances match their entries and every currency sums to zero")
+    print("ledger verified: balances match their entries and every currency sums to zero"
+          + ("; every account's hash chain is intact" if chain else ""))
 
 
 @task(help={"batch": "keys deleted per transaction (default 1000)"})
@@ -588,17 +614,30 @@ def set_price(c, symbol, price, name=None, type=None, currency=None):
 
 # --------------------------------------------------------------------------- test
 
+FUZZ_TEST = ROOT / "tests" / "integration" / "test_ledger_fuzz.py"
+
+
 @task(help={
     "database_only": "run only the database tests (tests/integration)",
     "coverage": "measure coverage of hoardrun/ and list the lines never run",
     "specific": "run only this test file, directory or node id",
+    "long": "run the ledger fuzzer (tests/integration/test_ledger_fuzz.py) for SECONDS more "
+            "with fresh random sequences, after its usual derandomized ones",
 })
-def test(c, database_only=False, coverage=False, specific=None):
+def test(c, database_only=False, coverage=False, specific=None, long=0):
     """Run the tests with pytest (on TEST_DATABASE_URL, else on an embedded server of their own)."""
+    import os
+
     import pytest
 
     if database_only and specific:
         raise Exit("use either --database-only or --specific, not both", code=1)
+    if long < 0:
+        raise Exit(f"--long={long} is not valid: expected seconds >= 0", code=1)
+    if long:
+        # Read by the fuzz test; only that test runs unless --specific names more.
+        os.environ["HOARDRUN_FUZZ_SECONDS"] = str(long)
+        specific = specific or f"{FUZZ_TEST}::test_random_sequences_keep_the_ledger_equal_to_its_model"
     args = [specific] if specific else [
         str(ROOT / "tests" / "integration") if database_only else str(ROOT / "tests")]
     if coverage:

@@ -311,6 +311,11 @@ class Transaction(BaseModel):
     # can be checked against the trades that made them (ledger.verify).
     symbol = pw.CharField(max_length=12, null=True)
     quantity = pw.DecimalField(max_digits=24, decimal_places=8, auto_round=False, null=True)
+    # The entry's place in its account's history (1, 2, ...) and sha256 of the
+    # previous entry's hash and this entry's content (migration 010): the
+    # ledger function writes both; db.verify --chain recomputes the chain.
+    seq = pw.BigIntegerField()
+    chain_hash = pw.BlobField()
 
     class Meta:
         table_name = "transactions"
@@ -325,10 +330,13 @@ class Transaction(BaseModel):
                    f"(quantity IS NOT NULL) = ({_in('type', TRADE_ENTRY_TYPES)}) "
                    "AND (symbol IS NOT NULL) = (quantity IS NOT NULL) "
                    "AND (quantity IS NULL OR quantity > 0)"),
+            _check("transactions_seq_positive", "seq > 0"),
         ]
         indexes = (
             # History pages: newest first within one account, keyset on (created_at, id).
             (("account", "created_at", "id"), False),
+            # One chain per account: the previous and the latest entry are index seeks.
+            (("account", "seq"), True),
             (("card", "created_at"), False),
         )
 

@@ -11,6 +11,7 @@ import pytest
 from falcon import testing
 
 from hoardrun import auth, ledger
+from hoardrun.db import db
 from hoardrun.api import create_app
 from hoardrun.models import Account, AuditLog, Card, Transaction
 from hoardrun.security import TEST_BIN, is_luhn_valid
@@ -342,12 +343,13 @@ def test_monthly_limit_counts_earlier_days_of_the_month(client, jane, card, sett
     # The app's clock says when "today" is: the 15th, whatever the date of the run.
     clock.now = clock.now.replace(day=15, hour=12, minute=0, second=0, microsecond=0)
     month_start = clock.now.replace(day=1, hour=0)
-    # A payment on the 1st of this month, written as the ledger writes one
-    # (entries are insert-only, so it cannot be back-dated any other way).
-    Transaction.insert(id=uuid.uuid4(), account=card["account_id"], movement_id=uuid.uuid4(),
-                       type="payment", direction="outbound", amount=4_000, currency="USD",
-                       balance_after=96_000, card=card["id"],
-                       reference="E" + uuid.uuid4().hex, created_at=month_start).execute()
+    # A payment on the 1st of this month, written by the ledger's own writer with
+    # that date (entries are insert-only and must keep the books whole).
+    db.execute_sql(
+        "SELECT hoardrun_apply_pair_at(%s, %s, %s, 4000, 'USD', 'payment', 'settlement', "
+        "'Earlier', NULL, NULL, %s, NULL, NULL, NULL, NULL, NULL, %s, NULL, NULL)",
+        (uuid.uuid4().hex, uuid.UUID(card["account_id"]).hex,
+         ledger.settlement_account_ids("USD")[0].hex, uuid.UUID(card["id"]).hex, month_start))
     on_the_15th = testing.TestClient(create_app(settings, clock=clock))
     # A token that is valid on the 15th (the app checks tokens against its clock too).
     token, _ = auth.issue_token(jane.id, now=clock.now)

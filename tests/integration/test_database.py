@@ -98,7 +98,7 @@ def _p2p(w):
 def _entry(w):
     return {"id": new_id(), "account_id": w.a1, "movement_id": new_id(), "type": "deposit",
             "direction": "inbound", "amount": 1000, "currency": "USD", "balance_after": 1000,
-            "reference": "ENT" + digits(16)}
+            "reference": "ENT" + digits(16), "seq": 1, "chain_hash": bytes(32)}
 
 
 def _investment(w):
@@ -188,7 +188,16 @@ class World:
 
 @pytest.fixture
 def world(database):
-    return World(database)
+    """The world, in one transaction that is rolled back and never commits.
+
+    These tests prove the CHECK, UNIQUE, NOT NULL and append-only rules one
+    raw row at a time; a lone entry never balances, so the ledger's COMMIT-time
+    rules (migration 010, tests/integration/test_ledger_integrity.py) would
+    refuse it at the commit this transaction never reaches.
+    """
+    with database.atomic() as transaction:
+        yield World(database)
+        transaction.rollback()
 
 
 # ---------------------------------------------------------------------------
@@ -325,6 +334,7 @@ CHECK_CASES = [
     bad("transactions", "transactions_currency_iso", currency="usd"),
     bad("transactions", "transactions_status", status="reversed"),
     bad("transactions", "transactions_not_self_reversal", reverses_id=SELF),
+    bad("transactions", "transactions_seq_positive", seq=0),
     # investments
     bad("investments", "investments_symbol", symbol="aapl"),
     bad("investments", "investments_symbol", symbol=""),
@@ -768,6 +778,6 @@ def test_append_only_holds_for_the_orm_too(database, world):
 
     # A reversing entry pointing at the original is how a mistake is undone.
     reversal = world.add("transactions", type="reversal", direction="outbound",
-                         balance_after=0, reverses_id=entry_id)
+                         balance_after=0, reverses_id=entry_id, seq=2)
     assert models.Transaction.get_by_id(uuid.UUID(reversal)).reverses_id == uuid.UUID(entry_id)
     assert models.Transaction.get_by_id(uuid.UUID(entry_id)).amount == 1000

@@ -281,8 +281,12 @@ def test_verify_is_clean_after_every_kind_of_movement(world):
 def test_verify_reports_a_balance_that_drifted_from_its_entries(world):
     ledger.deposit(world.a1.id, 5_000)
     assert ledger.verify() == []
-    db.execute_sql(f"UPDATE accounts SET balance = balance + 1 WHERE id = {db.obj.param}",
-                   (world.a1.id.hex,))
+    # Only behind the database's back now (migration 010 refuses it at COMMIT):
+    # a superuser with the triggers off.
+    with db.atomic():
+        db.execute_sql("SET LOCAL session_replication_role = replica")
+        db.execute_sql(f"UPDATE accounts SET balance = balance + 1 WHERE id = {db.obj.param}",
+                       (world.a1.id.hex,))
     problems = ledger.verify()
     assert any(str(world.a1.id) in p or world.a1.id.hex in p for p in problems), problems
     assert any("currency USD" in p for p in problems), problems

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 
 from hoardrun import accounts, errors, ledger
-from hoardrun.db import release_connection
+from hoardrun.db import db, release_connection
 from hoardrun.models import Account, Card, Investment, Transaction, User
 
 
@@ -89,11 +89,13 @@ def test_monthly_limit_counts_earlier_days_of_the_month(owner, funded):
     # "Now" is the 15th, whatever the date of the run: the 1st is an earlier day.
     now = datetime.now(timezone.utc).replace(day=15, hour=12, minute=0, second=0, microsecond=0)
     month_start = now.replace(day=1, hour=0)
-    # An earlier payment this month, written as the ledger would have (entries are insert-only).
-    Transaction.insert(id=uuid.uuid4(), account=funded.id, movement_id=uuid.uuid4(),
-                       type="payment", direction="outbound", amount=4_000, currency="USD",
-                       balance_after=96_000, card=card.id, reference="E" + uuid.uuid4().hex,
-                       created_at=month_start).execute()
+    # An earlier payment this month, written by the ledger's own writer with
+    # that date (entries are insert-only and must keep the books whole).
+    db.execute_sql(
+        "SELECT hoardrun_apply_pair_at(%s, %s, %s, 4000, 'USD', 'payment', 'settlement', "
+        "'Earlier', NULL, NULL, %s, NULL, NULL, NULL, NULL, NULL, %s, NULL, NULL)",
+        (uuid.uuid4().hex, funded.id.hex, ledger.settlement_account_ids("USD")[0].hex,
+         card.id.hex, month_start))
     with pytest.raises(errors.MonthlyLimitExceeded):
         pay(owner, card, 2_500, now=now)
     pay(owner, card, 2_000, now=now)

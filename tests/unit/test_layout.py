@@ -19,8 +19,9 @@ LAYERS = (
     ("services", {"accounts", "admin", "auth", "cards", "health", "history", "holds",
                   "idempotency",
                   "investments", "movements", "users", "sample", "backup", "verification"}),
-    ("ledger", {"ledger"}),
-    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail"}),
+    ("ledger", {"ledger", "chain"}),
+    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail",
+                "roles"}),
     ("db", {"db", "embedded"}),
     ("base", {"config", "errors", "money", "clock", "__init__"}),
 )
