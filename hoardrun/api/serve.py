@@ -102,6 +102,10 @@ def serve(*, host=DEFAULT_HOST, port=DEFAULT_PORT, threads=DEFAULT_THREADS, envi
     # idempotent when the caller has configured logging already
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # One line per applied migration is ours; the router would log every
+    # statement of every migration (tens of kilobytes of PL/pgSQL).
+    for name in ("peewee_migrate", "hoardrun.migrations"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     settings = sized_for(embedded.with_server(settings or load_settings(environ)), threads)
     # Migrations before the app exists: building it starts the mail sender,
     # which must not poll a table a pending migration has yet to create.

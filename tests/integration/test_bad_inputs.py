@@ -343,6 +343,8 @@ def snapshot():
     state = {}
     for table in tables:
         rows = db.execute_sql(f'SELECT * FROM "{table}" ORDER BY 1').fetchall()
+        # bytea (an entry's chain hash) arrives as a memoryview, whose repr is an address.
+        rows = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
         state[table] = (len(rows), hashlib.sha256(repr(rows).encode()).hexdigest())
     balances = dict(db.execute_sql("SELECT id, balance FROM accounts").fetchall())
     return state, balances

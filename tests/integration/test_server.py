@@ -196,7 +196,10 @@ def test_serve_starts_migrates_answers_and_stops_cleanly_on_ctrl_c(embedded_dir)
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         status = None
-        for _ in range(200):  # bounded wait for the socket to open
+        # Bounded wait for the socket: the embedded server is initialised and
+        # every migration applied first (seconds on a busy 2-core machine).
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("GET", "/api/health/readiness")
