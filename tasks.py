@@ -260,6 +260,21 @@ def _confirm(question):
 
 # --------------------------------------------------------------------------- db.*
 
+def _serve_plan(settings):
+    """What ``invoke serve`` with its defaults would open, in one line."""
+    from hoardrun import db as dbm
+    from hoardrun.api import serve as serving
+    from hoardrun.errors import ConfigError
+
+    allowance = dbm.connection_allowance(settings)
+    try:
+        plan = dbm.plan_pools(settings, allowance, workers=serving.DEFAULT_WORKERS,
+                              threads=serving.DEFAULT_THREADS)
+    except ConfigError as error:
+        return f"invoke serve with its defaults would not start: {error}"
+    return f"invoke serve (granian, defaults): {plan.describe()}"
+
+
 @task(help={"verbose": "also show environment, live pool numbers, timeouts and each migration"})
 def check(c, verbose=False):
     """Report connection, server, pool, SSL and migrations; exit 1 when not healthy."""
@@ -271,6 +286,7 @@ def check(c, verbose=False):
         ssl = dbm.ssl_in_use()
         applied, pending, unknown = _migration_state(database)
         live = dbm.pool_info()
+        serve_plan = _serve_plan(settings) if verbose else None
     print(f"database:   {settings.masked_database_url}")
     print(f"server:     {version}" + (f" (embedded, data in {embedded.data_directory(settings.data_dir)})"
                                       if settings.embedded else ""))
@@ -283,6 +299,7 @@ def check(c, verbose=False):
         print(f"pool now:   {live['checked_out']} checked out, {live['checked_in']} idle,"
               f" {live['overflow']} overflow")
         print(f"timeouts:   connect {settings.connect_timeout}s, statement {settings.command_timeout}s")
+        print(f"serving:    {serve_plan}")
     if settings.embedded:
         print("ssl:        not needed (embedded server on a local Unix socket or loopback)")
     else:
@@ -571,22 +588,41 @@ def test(c, database_only=False, coverage=False, specific=None):
 # --------------------------------------------------------------------------- serve
 
 @task(auto_shortflags=False, help={
+    "server": "granian (default: native, several worker processes) or waitress (pure Python, "
+              "one process)",
     "host": "interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
     "port": "TCP port (default 8000)",
-    "threads": "waitress worker threads (default 16); the pool is sized to at least this",
+    "workers": "worker processes (granian; default 2 on a machine with 2+ cores; waitress: 1)",
+    "threads": "threads per worker (default 16); each worker's pool is sized from this",
 })
-def serve(c, host="127.0.0.1", port=8000, threads=16):
-    """Serve the API with waitress until Ctrl-C (migrates first outside production)."""
+def serve(c, server="granian", host="127.0.0.1", port=8000, workers=None, threads=16):
+    """Serve the API until Ctrl-C or SIGTERM (migrates once first outside production)."""
     from hoardrun.api import serve as serving
+    from hoardrun.errors import ConfigError
 
+    if server not in serving.SERVERS:
+        raise Exit(f"--server={server} is not valid: expected one of "
+                   f"{', '.join(serving.SERVERS)}", code=1)
     if threads < 1:
         raise Exit(f"--threads={threads} is not valid: expected an integer >= 1", code=1)
+    if workers is not None:
+        try:
+            workers = int(workers)
+        except ValueError:
+            workers = 0
+        if workers < 1 or (server == "waitress" and workers != 1):
+            raise Exit(f"--workers={workers} is not valid: expected an integer >= 1"
+                       + (" (waitress runs one process: use --server granian)"
+                          if server == "waitress" else ""), code=1)
     settings = _settings()
     # waitress says where it listens at INFO; the access lines are hoardrun.access
     logging.getLogger("waitress").setLevel(logging.INFO)
     with _guard_settings(settings):
         try:
-            serving.serve(host=host, port=port, threads=threads, settings=settings)
+            serving.serve(server=server, host=host, port=port, workers=workers,
+                          threads=threads, settings=settings)
+        except ConfigError as error:  # the workers' pools do not fit the database
+            raise Exit(str(error), code=1) from None
         except OSError as error:  # the port is taken, or the host is not ours
             raise Exit(f"cannot listen on {host}:{port}: {error.strerror or error}",
                        code=1) from None
