@@ -114,6 +114,12 @@ def worker_app():
     """
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if hasattr(os, "setpgid"):
+        # NOTE: a terminal's Ctrl-C signals its whole process group. A granian
+        # 2.8 worker hit by that SIGINT and by its parent's SIGTERM at once can
+        # hang on shutdown (seen 3 times in 5), so workers leave the group
+        # and stop only when the parent tells them to.
+        os.setpgid(0, 0)
     app = get_app()
     # multiprocessing ends a worker with os._exit: atexit would not run, its
     # finalizers do, so PostgreSQL sees the pool's sessions end cleanly.
