@@ -629,39 +629,51 @@ def serve(c, server="granian", host="127.0.0.1", port=8000, workers=None, thread
 
 
 @task(auto_shortflags=False, help={
-    "clients": "concurrent keep-alive clients per scenario (default 8)",
+    "clients": "concurrent keep-alive clients per scenario (default 8; the @32 scenarios use 32)",
     "seconds": "seconds each scenario runs (default 10)",
-    "scenario": "comma-separated subset of: " + ", ".join((
-        "health", "health_database", "account", "transfer", "p2p", "history_first",
-        "history_deep", "statement")) + " (default all)",
+    "scenario": "comma-separated subset of: bare, health, health_database, account, transfer, "
+                "p2p, deposit, withdrawal, card_payment, investment_buy, history_first, "
+                "history_deep, statement, transfer@32, deposit@32 (default all)",
+    "server": "granian (default), waitress, or both (every scenario under each, one run)",
+    "workers": "worker processes of the server under test (default: granian 2, waitress 1)",
+    "threads": "threads per worker of the server under test (default 16)",
+    "loadgen": "auto (default: wrk when on the PATH, else Python), wrk or python",
     "users": "seeded users (default 1000)",
-    "accounts": "seeded accounts, split between the users (default 2000)",
+    "accounts": "seeded checking + savings accounts, split between the users (default 2000)",
     "entries": "seeded ledger entries (default 200000)",
-    "threads": "waitress threads of the server under test (default 16)",
     "scaling": "also time history pages at 10k, 100k and 1M entries in one account "
                "(default on; --no-scaling skips it)",
+    "quick": "a smoke run: 1 s scenarios, 40 users, few entries, no scaling",
     "drop": "drop the bench database afterwards (default: keep it for `invoke db.verify`)",
 })
-def bench(c, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entries=200_000,
-          threads=16, scaling=True, drop=False):
-    """Measure the API against the database's own transfer ceiling on PostgreSQL."""
+def bench(c, clients=8, seconds=10, scenario=None, server="granian", workers=None, threads=16,
+          loadgen="auto", users=1000, accounts=2000, entries=200_000, scaling=True,
+          quick=False, drop=False):
+    """Measure the API under granian and/or waitress against pgbench ceilings on PostgreSQL."""
     from bench import runner
 
     _setup_logging()
-    if clients < 1 or seconds < 1 or users < 2 or accounts < users or entries < 0:
-        raise Exit("--clients and --seconds must be >= 1, --users >= 2, --accounts >= --users "
-                   "and --entries >= 0", code=1)
+    if clients < 1 or seconds < 1 or users < 2 or accounts < users or entries < 0 or threads < 1:
+        raise Exit("--clients, --seconds and --threads must be >= 1, --users >= 2, --accounts "
+                   ">= --users and --entries >= 0", code=1)
+    if loadgen not in ("auto", "wrk", "python"):
+        raise Exit(f"--loadgen={loadgen} is not valid: expected auto, wrk or python", code=1)
+    try:
+        workers = int(workers) if workers is not None else None
+    except ValueError:
+        raise Exit(f"--workers={workers} is not valid: expected an integer >= 1", code=1) from None
     try:
         report = runner.run(clients=clients, seconds=seconds, scenario=scenario, users=users,
                             accounts=accounts, entries=entries, threads=threads,
+                            workers=workers, server=server, loadgen=loadgen,
                             scaling_sizes=runner.SCALING_SIZES if scaling else (),
-                            keep=not drop)
+                            keep=not drop, quick=quick)
     except runner.BenchError as error:
         raise Exit(f"bench: {error}", code=1) from None
     except _database_errors() as error:
         raise Exit(_one_line(error), code=1) from None
     print(runner.format_report(report))
-    if not all(passed for *_, passed in report["checks"]):
+    if not all(passed for _, _, _, passed, _ in report["checks"]):
         raise Exit("bench: at least one target was missed (see FAIL above)", code=1)
 
 

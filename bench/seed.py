@@ -32,7 +32,10 @@ def _connect(url):
 def seed(url, *, users, accounts, entries):
     """Create ``users`` users with ``accounts`` accounts between them and ``entries`` entries.
 
-    Returns ``{"users": [(user_id, email, [account_ids])...]}``.
+    Every user also gets a funded USD investment account (for investment
+    orders). Returns ``{"users": [(user_id, email, {type: account_id})...]}``
+    (types ``checking``, ``savings``, ``investment``; with more accounts per
+    user than two, ``savings`` is the last of them).
     """
     per_user = max(1, accounts // users)
     password_hash = hash_password(BENCH_PASSWORD)
@@ -51,6 +54,7 @@ def seed(url, *, users, accounts, entries):
             for n in range(per_user):
                 rows.append((user_id, new_account_number(), "Checking" if n == 0 else f"Savings {n}",
                              "checking" if n == 0 else "savings", n == 0))
+            rows.append((user_id, new_account_number(), "Investments", "investment", False))
         psycopg2.extras.execute_values(
             cur, "INSERT INTO accounts (id, user_id, account_number, name, type, currency, "
                  "is_primary) VALUES %s",
@@ -83,10 +87,11 @@ def seed(url, *, users, accounts, entries):
             done += batch
             log.info("seeded %d/%d history transfers", done, transfers)
         cur.execute("ANALYZE")
-        cur.execute("SELECT u.id, u.email, array_agg(a.id ORDER BY a.type) FROM users u "
-                    "JOIN accounts a ON a.user_id = u.id WHERE u.email LIKE 'bench%%' "
-                    "GROUP BY u.id, u.email ORDER BY u.email")
-        result = [(str(uid), email, [str(a) for a in accs]) for uid, email, accs in cur.fetchall()]
+        cur.execute("SELECT u.id, u.email, array_agg(a.type || '=' || a.id ORDER BY a.created_at, "
+                    "a.id) FROM users u JOIN accounts a ON a.user_id = u.id "
+                    "WHERE u.email LIKE 'bench%%' GROUP BY u.id, u.email ORDER BY u.email")
+        result = [(str(uid), email, dict(pair.split("=", 1) for pair in accs))
+                  for uid, email, accs in cur.fetchall()]
     conn.close()
     log.info("seeded %d users, %d accounts, ~%d entries in %.1f s", users, len(rows),
              2 * len(rows) + 2 * transfers, time.monotonic() - started)
