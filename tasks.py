@@ -530,6 +530,19 @@ def restore_db(c, file, target_url=None, force=False):
     print("ledger verified: balances match their entries and every currency sums to zero")
 
 
+# --------------------------------------------------------------------------- ledger.*
+
+@task(name="expire-holds")
+def expire_holds(c):
+    """Record card authorizations past their expiry as expired (they already stopped counting)."""
+    with _database() as (settings, database):
+        from hoardrun import holds
+
+        _require_migrated(database)
+        count = holds.expire()
+    print(f"recorded {count} expired card authorization(s)")
+
+
 # --------------------------------------------------------------------------- cards.*, prices.*
 
 @task
@@ -542,6 +555,33 @@ def rotate_keys(c):
         count = card_domain.rotate_keys(settings)
     print(f"re-encrypted {count} card number(s) under the first key; the keys after it "
           "can now be removed from HOARDRUN_CARD_ENCRYPTION_KEYS")
+
+
+@task(help={"limit": "how many of the latest messages to show (default 10)"})
+def outbox(c, limit=10):
+    """Show the latest outbox messages: status, attempts, recipient, subject and body."""
+    with _database() as (settings, database):
+        from hoardrun import mail
+
+        _require_migrated(database)
+        mailer = mail.Mailer.from_settings(settings)
+        rows = mail.outbox(max(1, int(limit)))
+    if not rows:
+        print("the outbox is empty")
+    for row in rows:
+        print(f"--- {row['created_at']:%Y-%m-%d %H:%M:%S}Z  {row['status']}  "
+              f"attempts {row['attempts']}  id {row['id']}")
+        print(f"To: {row['recipient']}\nSubject: {row['subject']}")
+        if row["last_error"]:
+            print(f"Last error: {row['last_error']}")
+        if settings.is_production:
+            # Bodies hold codes and reset tokens: not for an operator's terminal.
+            print("(body not shown in production)")
+        elif row["body"] is None:
+            print("(body erased after delivery)")
+        else:
+            print("\n" + (mailer.open(row["body"]) or "(body cannot be decrypted with the "
+                                                     "configured keys)"))
 
 
 @task(name="set", positional=["symbol", "price"], help={
@@ -681,5 +721,7 @@ db = Collection("db", check, server, init, migrate, rollback, history, current, 
                 sample, reset, verify, prune, backup_db, restore_db)
 ns = Collection(test, serve, bench)
 ns.add_collection(db)
+ns.add_collection(Collection("ledger", expire_holds))
 ns.add_collection(Collection("cards", rotate_keys))
 ns.add_collection(Collection("prices", set_price))
+ns.add_collection(Collection("mail", outbox))

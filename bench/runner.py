@@ -44,8 +44,13 @@ log = logging.getLogger("hoardrun.bench")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/hoardrun_bench"
-SECRET = "bench-secret-key-" + "k" * 40
-CARD_KEY = "YmVuY2gtY2FyZC1rZXktMDAwMDAwMDAwMDAwMDAwMDA="
+# Fixed random values: the bench runs with HOARDRUN_ENV=production, which
+# refuses placeholder secrets.
+SECRET = "Np7UbFHfs-E9edg-SqYFf3ESqOFUbw71SQ7o7qVgwylSwj4iM9weZNiDIFW-cVnh"
+CARD_KEY = "0VKJwLogMvbdgst_DX3hcdtPzhafMIb-mxIkdldV2aI="
+# Production settings need SMTP; the bench never sends mail (no route it drives queues any).
+MAIL_ENV = {"HOARDRUN_SMTP_URL": "smtp://127.0.0.1:2525",
+            "HOARDRUN_MAIL_FROM": "no-reply@bench.hoardrun.test"}
 #: name -> clients (None: --clients). "bare" is the bare WSGI app's health.
 SCENARIOS = {"bare": None, "health": None, "health_database": None, "account": None,
              "transfer": None, "p2p": None, "deposit": None, "withdrawal": None,
@@ -132,7 +137,8 @@ def server_environ(url):
     """The environment the bench server runs with: production settings, pinned secrets."""
     env = dict(os.environ)
     env.update({"DATABASE_URL": url, "HOARDRUN_ENV": "production",
-                "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY})
+                "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY,
+                **MAIL_ENV})
     return env
 
 
@@ -522,7 +528,7 @@ def run(*, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entr
     recreate_database(url)
     settings = load_settings({"DATABASE_URL": url, "HOARDRUN_ENV": "production",
                               "HOARDRUN_SECRET_KEY": SECRET,
-                              "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY})
+                              "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY, **MAIL_ENV})
     database = dbm.init_db(settings)
     schema.migrate(database)
     from hoardrun.investments import load_default_prices

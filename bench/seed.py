@@ -43,9 +43,10 @@ def seed(url, *, users, accounts, entries):
     started = time.monotonic()
     with conn.cursor() as cur:
         cur.execute(
-            "INSERT INTO users (id, email, first_name, last_name, password_hash, status) "
+            "INSERT INTO users (id, email, first_name, last_name, password_hash, status, "
+            "email_verified) "
             "SELECT gen_random_uuid(), 'bench' || i || '@bench.hoardrun.test', 'Bench', "
-            "'User ' || i, %s, 'active' FROM generate_series(1, %s) i",
+            "'User ' || i, %s, 'active', TRUE FROM generate_series(1, %s) i",
             (password_hash, users))
         cur.execute("SELECT id, email FROM users WHERE email LIKE 'bench%%' ORDER BY email")
         people = cur.fetchall()

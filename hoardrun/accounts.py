@@ -7,14 +7,14 @@ exist. Every state change writes an audit row in the same transaction.
 
 import secrets
 import uuid
-from datetime import datetime, timezone
 
 import peewee as pw
 
 from . import audit, errors
+from .clock import utcnow
 from .db import db
+from .models import ACCOUNT_TYPES, SETTLEMENT, Account, Card, Investment
 from .text import clean_text
-from .models import ACCOUNT_TYPES, SETTLEMENT, Account
 from .money import get_currency
 from .security import luhn_check_digit
 
@@ -89,18 +89,30 @@ def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_li
     return Account.get_by_id(account.id)
 
 
-def list_accounts(user_id):
+def _with_held(now):
+    """Account rows with ``held``: what their active card holds reserve at ``now``.
+
+    Computed by the ledger's own ``hoardrun_held`` (the sum the funds checks
+    use), so an expired hold stops showing the moment it stops counting.
+    """
+    now = utcnow() if now is None else now
+    return Account.select(Account, pw.fn.hoardrun_held(Account.id, now).coerce(False).alias("held"))
+
+
+def list_accounts(user_id, *, now=None):
     """The user's accounts, oldest first (closed ones included, marked by status)."""
-    return list(Account
-                .select()
+    return list(_with_held(now)
                 .where(Account.user == user_id)
                 .order_by(Account.created_at, Account.id))
 
 
-def get_account(user_id, account_id):
-    """The user's account ``account_id``; NotFound if it is missing or someone else's."""
-    account = (Account
-               .select()
+def get_account(user_id, account_id, *, now=None):
+    """The user's account ``account_id``; NotFound if it is missing or someone else's.
+
+    ``held`` on it is what active card holds reserve at ``now`` (default: the
+    current time): its available balance is ``balance - held``.
+    """
+    account = (_with_held(now)
                .where((Account.id == account_id)
                       & (Account.user == user_id)
                       & (Account.type != SETTLEMENT))
@@ -176,13 +188,27 @@ def set_primary(user_id, account_id, *, request_id=None):
 
 
 def close(user_id, account_id, *, request_id=None):
-    """Close the user's account; only allowed at a zero balance.
+    """Close the user's account; only at a zero balance and with nothing invested.
 
-    The balance is checked under the same row lock the ledger takes, so no
-    deposit can land between the check and the close. A closed account stops
-    being primary (payments to the user would otherwise bounce off it).
+    The balance, pending card authorizations and holdings are checked under
+    the same row lock the ledger takes, so no deposit, authorization or buy
+    can land between the check and the close. A
+    closed account keeps no assets: a holding there could never be sold, so
+    one held is refused (sell it first), and the account's cards are
+    cancelled with it. A closed account stops being primary; the user's
+    oldest other active account becomes primary, so payments to the user
+    still land whenever they have an active account.
     """
     with db.atomic():
+        # Lock order: the user (primary changes), the account's cards (a card
+        # payment locks its card before its account), then the account.
+        _lock_owner(user_id)
+        get_account(user_id, account_id)  # NotFound before touching anyone's cards
+        cards = list(Card
+                     .select()
+                     .where(Card.account == account_id)
+                     .order_by(Card.id)
+                     .for_update())
         account = _locked_account(user_id, account_id)
         if account.status == "closed":
             raise errors.AccountNotActive("account is already closed")
@@ -192,16 +218,62 @@ def close(user_id, account_id, *, request_id=None):
             raise errors.AccountNotEmpty(
                 "only an account with a zero balance can be closed; move the money out first",
                 balance=account.balance)
+        # A pending card authorization would find its account gone at capture.
+        pending = db.execute_sql("SELECT hoardrun_held(%s, %s)",
+                                 (account.id.hex, _now())).fetchone()[0]
+        if pending:
+            raise errors.AccountNotEmpty(
+                "an account with pending card authorizations cannot be closed; void them or "
+                "let them be captured first", pending_holds=int(pending))
+        held = [symbol for (symbol,) in (Investment
+                                         .select(Investment.symbol)
+                                         .where((Investment.account == account.id)
+                                                & (Investment.quantity > 0))
+                                         .order_by(Investment.symbol)
+                                         .tuples())]
+        if held:
+            raise errors.AccountNotEmpty(
+                "an account that holds investments cannot be closed; sell them first "
+                f"({', '.join(held)})", holdings=held)
         now = _now()
         (Account
          .update(status="closed", closed_at=now, is_primary=False, updated_at=now)
          .where(Account.id == account.id)
          .execute())
+        for card in cards:
+            if card.status != "cancelled":
+                (Card
+                 .update(status="cancelled", updated_at=now)
+                 .where(Card.id == card.id)
+                 .execute())
+                audit.record("card.cancel", "card", card.id, actor_id=user_id,
+                             before={"status": card.status},
+                             after={"status": "cancelled", "reason": "account closed"},
+                             request_id=request_id)
+        promoted = _promote_primary(user_id, now) if account.is_primary else None
         audit.record("account.close", "account", account.id, actor_id=user_id,
                      before=snapshot(account),
-                     after={**snapshot(account), "status": "closed", "is_primary": False},
+                     after={**snapshot(account), "status": "closed", "is_primary": False,
+                            "primary_account_id": promoted},
                      request_id=request_id)
     return get_account(user_id, account_id)
+
+
+def _promote_primary(user_id, now):
+    """Make the user's oldest active account primary; return its id (None if none)."""
+    successor = (Account
+                 .select(Account.id)
+                 .where((Account.user == user_id)
+                        & (Account.status == "active")
+                        & (Account.type != SETTLEMENT))
+                 .order_by(Account.created_at, Account.id)
+                 .scalar())
+    if successor is not None:
+        (Account
+         .update(is_primary=True, updated_at=now)
+         .where(Account.id == successor)
+         .execute())
+    return successor
 
 
 def _lock_owner(user_id):
@@ -209,9 +281,15 @@ def _lock_owner(user_id):
 
     Two concurrent switches (or first-account opens) would otherwise both
     see the old state and the second would trip the one-primary index. The
-    user row is the lock: the ledger never locks users, so no deadlock.
+    user row is the lock: the ledger never locks users FOR UPDATE.
+    NOTE: FOR NO KEY UPDATE, not FOR UPDATE. The ledger's inserts (a transfer
+    row, a P2P row) reference the user and take FOR KEY SHARE on it while they
+    hold account locks; FOR UPDATE conflicts with that, so a close (user, then
+    account) and a transfer (account, then user) could deadlock. NO KEY
+    UPDATE still excludes a second primary-account change, and no insert.
     """
-    db.execute_sql("SELECT id FROM users WHERE id = %s FOR UPDATE", (_uuid(user_id).hex,))
+    db.execute_sql("SELECT id FROM users WHERE id = %s FOR NO KEY UPDATE",
+                   (_uuid(user_id).hex,))
 
 
 def _demote_primary(user_id):
@@ -222,7 +300,7 @@ def _demote_primary(user_id):
 
 
 def _now():
-    return datetime.now(timezone.utc)
+    return utcnow()
 
 
 def _uuid(value):

@@ -11,6 +11,13 @@ from datetime import date, datetime
 from decimal import Decimal
 
 from .db import execute_deferred
+from .money import CURRENCIES, format_amount
+
+#: Keys of an audit state that hold money as integer minor units. Rows store
+#: minor units (exact, and the same as the ledger); ``shown`` renders them.
+MONEY_KEYS = frozenset({"amount", "balance", "balance_after", "cost_basis", "daily_limit",
+                        "monthly_limit", "refunded_total", "overdraft_limit", "minimum_balance",
+                        "fee"})
 
 
 def _default(value):
@@ -42,3 +49,19 @@ def record(action, entity_type, entity_id=None, *, actor_id=None, before=None, a
         "INSERT INTO audit_log (id, actor_id, action, entity_type, entity_id, before, after, "
         "request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", values)
     return row_id
+
+
+def shown(state):
+    """A stored before/after state as a user or admin sees it: money as decimal strings.
+
+    Every key in ``MONEY_KEYS`` whose value is a whole number becomes the
+    decimal string of the state's own ``currency`` ("30.00", not 3000), old
+    rows included. A state without a known currency is returned as it is.
+    """
+    if not isinstance(state, dict) or state.get("currency") not in CURRENCIES:
+        return state
+    currency = state["currency"]
+    return {key: (format_amount(value, currency)
+                  if key in MONEY_KEYS and isinstance(value, int) and not isinstance(value, bool)
+                  else value)
+            for key, value in state.items()}

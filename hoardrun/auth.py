@@ -11,23 +11,28 @@ Login throttling: 5 consecutive failed logins for one email, each within
 15 minutes of the previous one, lock that email for 15 minutes
 (``users.failed_logins``/``locked_until``); while locked every attempt, even
 with the right password, is ``TooManyAttempts`` with ``retry_after`` seconds
-and costs no password hash. A success resets the count. Emails without a
-user are throttled the same way in memory, so a lockout does not reveal
-which emails have accounts; an unknown email also spends a dummy hash, so
-the timing does not either.
+and costs no password hash. A success resets the count. Each attempt is
+counted atomically BEFORE its password is hashed (one UPDATE … RETURNING,
+committed at once), so a burst of concurrent guesses gets at most 5
+verdicts, the right password among them or not. Emails without a user are
+throttled the same way in memory, so a lockout does not reveal which emails
+have accounts; an unknown email also spends a dummy hash, so the timing
+does not either.
 """
 
 import math
 import threading
+import unicodedata
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from peewee import Case
 
 from . import audit, errors
 from .config import DEFAULT_TOKEN_TTL
+from .clock import utcnow
 from .db import PostgresDatabase, db, execute_prepared
 from .models import AuthToken, User
 from .security import (
@@ -54,9 +59,6 @@ class CurrentUser:
         return self.role == "admin"
 
 
-def utcnow():
-    """The current time, UTC-aware."""
-    return datetime.now(timezone.utc)
 
 
 def _db_time(value):
@@ -135,9 +137,28 @@ def logout(user_id, token, *, request_id=None, now=None):
 # --------------------------------------------------------------------------
 # Login
 
+# Dots a domain may be written with (NFKC already maps the fullwidth one).
+_DOMAIN_DOTS = str.maketrans({"\u3002": ".", "\uff61": "."})
+
+
 def normalise_email(email):
-    """Emails are compared and stored trimmed and lower-case."""
-    return email.strip().lower() if isinstance(email, str) else ""
+    """The one spelling of an address that is stored, unique and looked up.
+
+    Trimmed, NFKC-normalised and case-folded (so NFC and NFD spellings,
+    fullwidth letters and any letter case are one address), with the
+    domain's trailing dot (the DNS root, ``example.com.``) removed. Every
+    place that stores or finds a user by email goes through here.
+    """
+    if not isinstance(email, str):
+        return ""
+    text = unicodedata.normalize("NFKC", email.strip())
+    # casefold, then NFKC again (casefolding can un-normalise, e.g. U+0130),
+    # then lower: the stored form must pass the CHECK email = lower(email).
+    text = unicodedata.normalize("NFKC", text.casefold()).lower()
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return text
+    return f"{local}@{domain.translate(_DOMAIN_DOTS).rstrip('.')}"
 
 
 def _retry_after(locked_until, now):
@@ -163,16 +184,17 @@ class _UnknownEmailThrottle:
         self._lock = threading.Lock()
         self._entries = OrderedDict()  # email -> [failures, last_failure, locked_until]
 
-    def retry_after(self, email, now):
-        with self._lock:
-            entry = self._entries.get(email)
-            if entry and entry[2] and entry[2] > now:
-                return _retry_after(entry[2], now)
-            return None
+    def claim(self, email, now):
+        """Count one attempt for ``email`` (before hashing); seconds to wait if locked, else None.
 
-    def fail(self, email, now):
+        Check and count under one lock, as the UPDATE does for known users,
+        so concurrent guesses cannot all pass the check first.
+        """
         with self._lock:
             entry = self._entries.pop(email, None)
+            if entry and entry[2] and entry[2] > now:
+                self._entries[email] = entry
+                return _retry_after(entry[2], now)
             if entry is None or now - entry[1] > FAILURE_WINDOW:
                 entry = [0, now, None]
             entry[0] += 1
@@ -181,6 +203,7 @@ class _UnknownEmailThrottle:
             self._entries[email] = entry
             while len(self._entries) > self.MAX_ENTRIES:
                 self._entries.popitem(last=False)
+            return None
 
     def clear(self):
         with self._lock:
@@ -202,18 +225,17 @@ def login(email, password, *, ttl=DEFAULT_TOKEN_TTL, request_id=None, now=None):
     email = normalise_email(email)
     user = User.get_or_none(User.email == email) if email else None
     if user is None:
-        retry = unknown_emails.retry_after(email, now)
+        retry = unknown_emails.claim(email, now)
         if retry:
             raise _locked(retry)
         dummy_verify()
-        unknown_emails.fail(email, now)
         raise errors.InvalidCredentials("email or password is incorrect")
-    check_password(user, password, request_id=request_id, now=now)
+    # login() resets the count itself, in the transaction that issues the token.
+    attempts = check_password(user, password, request_id=request_id, now=now, reset=False)
     if user.status != "active":
         raise errors.UserNotActive(f"this user is {user.status} and cannot log in")
     with db.atomic():
-        changes = {User.failed_logins: 0, User.locked_until: None, User.last_login_at: now,
-                   User.updated_at: now}
+        changes = {**_reset_changes(attempts), User.last_login_at: now, User.updated_at: now}
         if needs_rehash(user.password_hash):
             # Cost parameters were raised since this hash was made.
             changes[User.password_hash] = hash_password(password)
@@ -225,43 +247,76 @@ def login(email, password, *, ttl=DEFAULT_TOKEN_TTL, request_id=None, now=None):
     return user, token, expires_at
 
 
-def check_password(user, password, *, request_id=None, now=None):
+def check_password(user, password, *, request_id=None, now=None, reset=True):
     """Verify ``password`` for ``user`` under the lockout rule, or raise.
 
     Used by login and by a password change (a stolen token must not become
-    an unthrottled way to guess the password). Raises TooManyAttempts while
-    locked (without hashing) and InvalidCredentials on a mismatch, after
-    counting the failure.
+    an unthrottled way to guess the password). The attempt is counted
+    before the hash is checked (``_claim_attempt``): TooManyAttempts while
+    locked (without hashing), InvalidCredentials on a mismatch. A match
+    resets the count (``reset``; a caller that resets it anyway passes False)
+    and returns the attempt's number (for ``_reset_changes``).
     """
     now = now or utcnow()
     if user.locked_until is not None and user.locked_until > now:
         raise _locked(_retry_after(user.locked_until, now))
+    attempts = _claim_attempt(user.id, now)
     if verify_password(user.password_hash, password):
-        return
-    _count_failure(user.id, request_id, now)
+        if reset:
+            User.update(_reset_changes(attempts)).where(User.id == user.id).execute()
+        return attempts
+    locked_until = now + LOCK_DURATION if attempts >= MAX_FAILED_LOGINS else None
+    with db.atomic():
+        audit.record("auth.login_failed", "user", user.id,
+                     after={"failed_logins": attempts, "locked_until": locked_until},
+                     request_id=request_id)
     raise errors.InvalidCredentials("email or password is incorrect")
 
 
-def _count_failure(user_id, request_id, now):
-    """Add one failed login in ONE atomic UPDATE (concurrent failures all count)."""
-    # updated_at doubles as "time of the last failure": every failed login
-    # bumps it, and a failure more than FAILURE_WINDOW after it starts over.
+def _reset_changes(attempts):
+    """The UPDATE values that clear the count after a right password, attempt ``attempts``.
+
+    Only when no other attempt was counted since this one: otherwise a right
+    password (the owner's, or a lucky guess) inside a burst of wrong ones
+    would wipe the attempts counted after it and hand the burst five more
+    verdicts. Then the count and any lock it reached stay.
+    """
+    unchanged = User.failed_logins == attempts
+    return {User.failed_logins: Case(None, [(unchanged, 0)], User.failed_logins),
+            User.locked_until: Case(None, [(unchanged, None)], User.locked_until)}
+
+
+def _claim_attempt(user_id, now):
+    """Count one login attempt in ONE atomic UPDATE … RETURNING; return the count.
+
+    Runs and commits before the password is hashed: concurrent attempts
+    queue on the row, each sees the count the previous one left, and the
+    one that reaches MAX_FAILED_LOGINS sets the lock, so attempts after it
+    match no row and are TooManyAttempts without a hash. A success resets
+    the count afterwards, so it only ever counts consecutive failures.
+    """
+    # updated_at doubles as "time of the last attempt": every attempt bumps
+    # it, and one more than FAILURE_WINDOW after it starts over.
     # NOTE: values inside CASE are not converted by the column, hence _db_time.
     count = Case(None, [(User.updated_at < _db_time(now - FAILURE_WINDOW), 1)],
                  User.failed_logins + 1)
     with db.atomic():
-        (User
-         .update({User.failed_logins: count,
-                  User.locked_until: Case(None, [(count >= MAX_FAILED_LOGINS,
-                                                  _db_time(now + LOCK_DURATION))], None),
-                  User.updated_at: now})
-         .where(User.id == user_id)
-         .execute())
-        failures, locked_until = (User
-                                  .select(User.failed_logins, User.locked_until)
-                                  .where(User.id == user_id)
-                                  .tuples()
-                                  .get())
-        audit.record("auth.login_failed", "user", user_id,
-                     after={"failed_logins": failures, "locked_until": locked_until},
-                     request_id=request_id)
+        row = (User
+               .update({User.failed_logins: count,
+                        User.locked_until: Case(None, [(count >= MAX_FAILED_LOGINS,
+                                                        _db_time(now + LOCK_DURATION))], None),
+                        User.updated_at: now})
+               .where((User.id == user_id)
+                      & (User.locked_until.is_null() | (User.locked_until <= now)))
+               .returning(User.failed_logins, User.locked_until)
+               .tuples()
+               .execute())
+        row = next(iter(row), None)
+    if row is None:
+        # Locked by a concurrent attempt since ``user`` was read.
+        locked_until = (User
+                        .select(User.locked_until)
+                        .where(User.id == user_id)
+                        .scalar())
+        raise _locked(_retry_after(locked_until, now) if locked_until else 1)
+    return row[0]

@@ -26,10 +26,10 @@ import hashlib
 import os
 import subprocess
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from . import embedded, ledger, schema
+from .clock import utcnow
 from .db import _postgres_params, db  # the one place that turns settings into libpq keywords
 from .errors import BackupError
 
@@ -138,7 +138,7 @@ def sha256_of(path):
 def default_path(settings, now=None):
     """``hoardrun-<database>-<UTC time>.dump`` in the working directory."""
     name, _ = _postgres_params(settings)
-    moment = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    moment = (now or utcnow()).strftime("%Y%m%dT%H%M%SZ")
     return Path(f"hoardrun-{name}-{moment}.dump")
 
 

@@ -22,6 +22,7 @@ import peewee as pw
 
 from . import audit, errors, ledger
 from .cursors import page_query
+from .clock import utcnow
 from .db import db
 from .ids import parse_id
 from .models import Account, Card, Transaction
@@ -38,9 +39,23 @@ CARD_ACCOUNT_TYPES = ("checking", "savings", "business")
 CHANNELS = ("online", "contactless", "chip")
 #: A new card is valid through the end of this month, this many years ahead.
 VALIDITY_YEARS = 3
-#: Default limits in major units of the account's currency.
-DEFAULT_DAILY_LIMIT = 1_000
-DEFAULT_MONTHLY_LIMIT = 5_000
+#: A new card's daily limit in major units of its account's currency: about
+#: 1,000 US dollars, rounded to a number people of that currency recognise
+#: (1,000.00 USD, 150,000 JPY, 300.000 KWD). The same number in every
+#: currency would be 1,000 yen (about 7 dollars) or 1,000 dinars (3,250).
+DEFAULT_DAILY_LIMITS = {
+    "AED": 4_000, "AUD": 1_500, "BHD": 400, "BRL": 5_000, "CAD": 1_500, "CHF": 1_000,
+    "CLP": 1_000_000, "CNY": 7_000, "CZK": 25_000, "DKK": 7_000, "EUR": 1_000, "GBP": 1_000,
+    "GHS": 15_000, "HKD": 8_000, "INR": 100_000, "ISK": 150_000, "JOD": 700, "JPY": 150_000,
+    "KES": 150_000, "KRW": 1_500_000, "KWD": 300, "MXN": 20_000, "NGN": 1_500_000,
+    "NOK": 10_000, "NZD": 1_500, "OMR": 400, "PLN": 4_000, "SEK": 10_000, "SGD": 1_500,
+    "TND": 3_000, "USD": 1_000, "ZAR": 20_000,
+}
+#: For a currency added to money.CURRENCIES without an entry above: by its
+#: exponent (no minor unit currencies are mostly worth far less per unit).
+DEFAULT_DAILY_LIMIT_BY_EXPONENT = {0: 100_000, 2: 1_000, 3: 300}
+#: The monthly default is this many daily limits.
+MONTHLY_PER_DAILY = 5
 
 _ISSUE_ATTEMPTS = 5
 # Names as embossed: letters (any script), spaces and . ' - only. No digits,
@@ -91,7 +106,7 @@ def effective_status(card, now=None):
 
 def _utc(now):
     if now is None:
-        return datetime.now(timezone.utc)
+        return utcnow()
     if now.tzinfo is None:
         raise ValueError("naive datetime: card expiry is computed in UTC")
     return now.astimezone(timezone.utc)
@@ -109,6 +124,14 @@ def get_card(user_id, card_id):
     if card is None:
         raise errors.NotFound("card not found")
     return card
+
+
+def default_limits(currency):
+    """A new card's ``(daily, monthly)`` limits in minor units of ``currency``."""
+    cur = get_currency(currency)
+    daily = DEFAULT_DAILY_LIMITS.get(cur.code) or DEFAULT_DAILY_LIMIT_BY_EXPONENT.get(
+        cur.exponent, 1_000)
+    return daily * cur.factor, daily * MONTHLY_PER_DAILY * cur.factor
 
 
 def list_cards(user_id, *, secret, limit=None, cursor=None):
@@ -151,8 +174,7 @@ def issue_card(user_id, account_id, type, cardholder_name, *, settings, now=None
 
     Returns ``IssuedCard(card, number)``: the caller shows the number once.
     Only the encrypted number, its fingerprint, the last four digits and the
-    mask are stored. Limits start at ``DEFAULT_DAILY_LIMIT`` /
-    ``DEFAULT_MONTHLY_LIMIT`` major units of the account's currency.
+    mask are stored. Limits start at ``default_limits(currency)``.
     """
     if type not in ISSUABLE_TYPES:
         raise errors.ValidationError(f"type must be one of {', '.join(ISSUABLE_TYPES)}",
@@ -173,7 +195,7 @@ def issue_card(user_id, account_id, type, cardholder_name, *, settings, now=None
                 f"not on a {account.type} account", field="account_id")
         if account.status != "active":
             raise errors.AccountNotActive(f"account is {account.status}", field="account_id")
-        factor = get_currency(account.currency).factor
+        daily_limit, monthly_limit = default_limits(account.currency)
         for attempt in range(_ISSUE_ATTEMPTS):
             number = generate_card_number()
             try:
@@ -184,8 +206,7 @@ def issue_card(user_id, account_id, type, cardholder_name, *, settings, now=None
                         number_fingerprint=fingerprint(number, settings.secret_key),
                         last_four=number[-4:], masked_number=mask_card_number(number),
                         expiry_month=month, expiry_year=year,
-                        daily_limit=DEFAULT_DAILY_LIMIT * factor,
-                        monthly_limit=DEFAULT_MONTHLY_LIMIT * factor,
+                        daily_limit=daily_limit, monthly_limit=monthly_limit,
                         # Explicit, not the column default (the transaction's
                         # start), so cards list in the order they were issued.
                         created_at=now, updated_at=now)
@@ -308,7 +329,7 @@ def _change(user_id, card_id, action, change, request_id, *, allow_cancelled=Fal
         change(card)
         after = card_state(card)
         if after != before:
-            card.updated_at = datetime.now(timezone.utc)
+            card.updated_at = utcnow()
             card.save(only=[Card.status, Card.daily_limit, Card.monthly_limit,
                             Card.online_enabled, Card.contactless_enabled,
                             Card.international_enabled, Card.updated_at])
@@ -338,6 +359,19 @@ class CardPayment:
     refunded: int = 0
 
 
+def merchant_details(channel, merchant_name, merchant_category, description):
+    """Check a payment's or authorization's channel and clean its texts.
+
+    Returns ``(merchant_name, merchant_category, description)``.
+    """
+    if channel not in CHANNELS:
+        raise errors.ValidationError(f"channel must be one of {', '.join(CHANNELS)}",
+                                     field="channel")
+    return (clean_text(merchant_name, "merchant_name", max_length=200, required=True),
+            clean_text(merchant_category, "merchant_category", max_length=64, required=True),
+            clean_text(description, "description", max_length=500))
+
+
 def pay(user_id, card_id, *, amount, currency, merchant_name, merchant_category, channel,
         international=False, description=None, request_id=None):
     """Pay ``amount`` (decimal string in ``currency``) with the card; one ledger debit.
@@ -347,13 +381,8 @@ def pay(user_id, card_id, *, amount, currency, merchant_name, merchant_category,
     account lacks the funds.
     """
     minor = parse_amount(amount, currency)
-    if channel not in CHANNELS:
-        raise errors.ValidationError(f"channel must be one of {', '.join(CHANNELS)}",
-                                     field="channel")
-    merchant_name = clean_text(merchant_name, "merchant_name", max_length=200, required=True)
-    merchant_category = clean_text(merchant_category, "merchant_category", max_length=64,
-                                   required=True)
-    description = clean_text(description, "description", max_length=500)
+    merchant_name, merchant_category, description = merchant_details(
+        channel, merchant_name, merchant_category, description)
     user_id, card_id = _uuid(user_id), _uuid(card_id)
     with db.atomic():
         posting = ledger.card_payment(
@@ -383,7 +412,10 @@ def refund(user_id, card_id, payment_id, *, amount, request_id=None):
     payment = _payment_entry(user_id, card_id, payment_id)
     minor = parse_amount(amount, payment.currency)
     with db.atomic():
-        posting = ledger.card_refund(user_id, payment.id, minor)
+        try:
+            posting = ledger.card_refund(user_id, payment.id, minor)
+        except errors.RefundExceedsPayment as exc:
+            raise _in_currency(exc, payment.currency) from None
         refunded = _refunded(payment.id)
         result = CardPayment(
             id=posting.credit.entry_id, card_id=card_id, account_id=posting.credit.account_id,
@@ -395,6 +427,20 @@ def refund(user_id, card_id, payment_id, *, amount, request_id=None):
             "entry_id": result.id, "payment_id": payment.id, "amount": result.amount,
             "currency": result.currency, "refunded_total": refunded}, request_id=request_id)
     return result
+
+
+_MINOR_UNITS_LEFT = re.compile(r"(-?\d+) minor units left")
+
+
+def _in_currency(exc, currency):
+    """``exc`` (RefundExceedsPayment) with "4000 minor units left" as "40.00 USD left".
+
+    The ledger function says how much is left in minor units (it knows no
+    decimal places); a client is shown amounts only as decimal strings.
+    """
+    detail = _MINOR_UNITS_LEFT.sub(
+        lambda m: f"{format_amount(int(m.group(1)), currency)} {currency} left", exc.detail)
+    return errors.RefundExceedsPayment(detail, field=exc.field, **exc.extra)
 
 
 def _payment_entry(user_id, card_id, payment_id):

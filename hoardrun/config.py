@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field, fields, replace
+from email.utils import parseaddr
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,6 +43,11 @@ DEFAULT_IDEMPOTENCY_TTL = 7 * 24 * 3600
 MIN_IDEMPOTENCY_TTL = 24 * 3600
 DEFAULT_METRICS = False
 MIN_METRICS_TOKEN = 32
+SMTP_SCHEMES = ("smtp", "smtps")
+DEFAULT_SMTP_TIMEOUT = 10.0
+DEFAULT_MAIL_FROM = "HoardRun <no-reply@hoardrun.localhost>"
+DEFAULT_VERIFICATION_TTL = 24 * 3600
+DEFAULT_RESET_TTL = 3600
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -83,6 +89,13 @@ class Settings:
     metrics_multiproc_dir: str | None = None
     secret_key: str = field(default="", repr=False)
     card_keys: tuple = field(default=(), repr=False)
+    # None outside production: mail goes to the development outbox instead.
+    smtp_url: str | None = field(default=None, repr=False)
+    smtp_timeout: float = DEFAULT_SMTP_TIMEOUT
+    smtp_ca_file: str | None = None
+    mail_from: str = DEFAULT_MAIL_FROM
+    verification_ttl: int = DEFAULT_VERIFICATION_TTL
+    reset_ttl: int = DEFAULT_RESET_TTL
 
     @property
     def is_production(self):
@@ -106,6 +119,7 @@ class Settings:
         # traceback that shows the settings; secrets are left out entirely.
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
         values["database_url"] = mask_url(self.database_url)
+        values["smtp_url"] = None if self.smtp_url is None else mask_url(self.smtp_url)
         return "Settings({})".format(", ".join(f"{k}={v!r}" for k, v in values.items()))
 
 
@@ -214,6 +228,43 @@ def _database_url(environ, env):
     return raw, False
 
 
+def _smtp_url(environ, env):
+    raw = (environ.get("HOARDRUN_SMTP_URL") or "").strip()
+    if not raw:
+        if env == "production":
+            raise ConfigError("HOARDRUN_SMTP_URL is not set: production requires "
+                              "smtp://user:password@host:587 (STARTTLS) or smtps://…:465")
+        return None
+    allowed = "smtp://[user:password@]host[:port] (STARTTLS) or smtps://… (implicit TLS)"
+    scheme = raw.split("://", 1)[0].lower() if "://" in raw else ""
+    if scheme not in SMTP_SCHEMES:
+        raise _bad("HOARDRUN_SMTP_URL", raw, allowed)
+    raw = scheme + raw[len(scheme):]
+    parts = urlsplit(raw)
+    try:
+        port = parts.port
+    except ValueError:
+        raise _bad("HOARDRUN_SMTP_URL", raw, "a port between 1 and 65535") from None
+    if not parts.hostname or port == 0 or parts.path.strip("/") or parts.query:
+        raise _bad("HOARDRUN_SMTP_URL", raw, allowed)
+    return raw
+
+
+def _mail_from(environ, env):
+    raw = (environ.get("HOARDRUN_MAIL_FROM") or "").strip()
+    if not raw:
+        if env == "production":
+            raise ConfigError("HOARDRUN_MAIL_FROM is not set: production requires the sender "
+                              "address, e.g. 'HoardRun <no-reply@example.com>'")
+        return DEFAULT_MAIL_FROM
+    _, address = parseaddr(raw)
+    if ("@" not in address or any(c in raw for c in "\r\n")
+            or not address.split("@", 1)[1] or not address.split("@", 1)[0]):
+        raise _bad("HOARDRUN_MAIL_FROM", raw,
+                   "an address such as 'HoardRun <no-reply@example.com>'")
+    return raw
+
+
 def _origins(environ):
     raw = environ.get("HOARDRUN_CORS_ORIGINS", "")
     origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
@@ -236,6 +287,101 @@ def _card_keys(raw, name):
             raise ConfigError(f"{name} is not valid: expected comma-separated "
                               "url-safe base64 Fernet keys of 32 bytes")
     return keys
+
+
+#: What a production secret must not look like (``weak_secret``).
+SECRET_MIN_LENGTH = 32
+SECRET_MIN_DISTINCT = 8
+CARD_KEY_MIN_DISTINCT_BYTES = 16
+# Words of a placeholder someone forgot to replace ("change-me", "my-secret").
+_PLACEHOLDER_WORDS = ("change", "secret", "password", "example", "placeholder", "default",
+                      "replace", "dummy", "sample")
+_SECRET_HINT = ('generate one with: python -c "import secrets; '
+                'print(secrets.token_urlsafe(48))"')
+_CARD_KEY_HINT = ('generate one with: python -c "from hoardrun.config import new_card_key; '
+                  'print(new_card_key())"')
+
+
+def _repeats_a_pattern(symbols, width):
+    # A random secret has (almost) no repeated ``width``-long window;
+    # "abcabcabc...", "x" * 40 or "key-key-key-" have many.
+    windows = [symbols[i:i + width] for i in range(len(symbols) - width + 1)]
+    return len(set(windows)) < 0.75 * len(windows)
+
+
+def _is_a_sequence(symbols):
+    # "abcdefgh...", "0123456789..." or a byte counter: the same step between
+    # most neighbours.
+    values = [ord(c) for c in symbols] if isinstance(symbols, str) else list(symbols)
+    steps = [b - a for a, b in zip(values, values[1:])]
+    same = sum(1 for a, b in zip(steps, steps[1:]) if a == b)
+    return same > len(steps) // 2
+
+
+def weak_secret(secret):
+    """Why the text ``secret`` is too weak for production, or None.
+
+    Not a strength meter: it refuses what is certainly not random (too
+    short, few distinct characters, a repeated or sequential pattern, a
+    placeholder word); a value from ``secrets.token_urlsafe(48)`` never trips it.
+    """
+    if len(secret) < SECRET_MIN_LENGTH:
+        return f"it is shorter than {SECRET_MIN_LENGTH} characters"
+    if len(set(secret)) < SECRET_MIN_DISTINCT:
+        return f"it has fewer than {SECRET_MIN_DISTINCT} distinct characters"
+    if _repeats_a_pattern(secret.lower(), 3):
+        return "it repeats a pattern"
+    if _is_a_sequence(secret):
+        return "it is a sequence of characters"
+    lowered = secret.lower()
+    for word in _PLACEHOLDER_WORDS:
+        if word in lowered:
+            return f"it looks like a placeholder (contains {word!r})"
+    return None
+
+
+def weak_card_key(key):
+    """Why the Fernet key ``key`` (already valid base64 of 32 bytes) is too weak, or None."""
+    raw = base64.urlsafe_b64decode(key.encode())
+    if len(set(raw)) < CARD_KEY_MIN_DISTINCT_BYTES:
+        return ("it is all zero bytes" if not any(raw)
+                else f"it has fewer than {CARD_KEY_MIN_DISTINCT_BYTES} distinct bytes")
+    if _repeats_a_pattern(raw, 2):
+        return "its bytes repeat a pattern"
+    if _is_a_sequence(raw):
+        return "its bytes are a sequence"
+    if all(32 <= b < 127 for b in raw):
+        # 32 random bytes are all printable once in ~10^14: this is a
+        # passphrase encoded as a key, not a key.
+        return "it encodes printable text, not random bytes"
+    return None
+
+
+def _check_production_secrets(secret_key, card_keys):
+    """Refuse weak or shared secrets in production with one line (never the value).
+
+    With a guessable secret key the card fingerprints (HMAC) plus the clear
+    last four and the fixed BIN leave about 10^6 candidates per card, so a
+    database backup alone would yield every card number.
+    """
+    reason = weak_secret(secret_key)
+    if reason:
+        raise ConfigError(f"HOARDRUN_SECRET_KEY is too weak for production: {reason}; "
+                          + _SECRET_HINT)
+    for position, key in enumerate(card_keys, start=1):
+        # The same secret in both roles (as text, or as the key's bytes).
+        if secret_key == key or secret_key.encode() == base64.urlsafe_b64decode(key):
+            raise ConfigError(f"HOARDRUN_SECRET_KEY and HOARDRUN_CARD_ENCRYPTION_KEYS key "
+                              f"{position} are the same secret: one leak must not open both; "
+                              "give each its own value")
+    for position, key in enumerate(card_keys, start=1):
+        reason = weak_card_key(key)
+        if reason:
+            raise ConfigError(f"HOARDRUN_CARD_ENCRYPTION_KEYS key {position} of "
+                              f"{len(card_keys)} is too weak for production: {reason}; "
+                              + _CARD_KEY_HINT)
+    if len(set(card_keys)) != len(card_keys):
+        raise ConfigError("HOARDRUN_CARD_ENCRYPTION_KEYS lists the same key twice")
 
 
 def new_card_key():
@@ -293,6 +439,8 @@ def load_settings(environ=None):
         if not card_raw:
             raise ConfigError("HOARDRUN_CARD_ENCRYPTION_KEYS is not set: production "
                               "requires at least one card-encryption key")
+    smtp_url = _smtp_url(environ, env)
+    mail_from = _mail_from(environ, env)
     if not secret_key or not card_raw:
         file_secret, file_card = _development_secrets(
             environ.get("HOARDRUN_SECRETS_FILE") or DEFAULT_SECRETS_FILE)
@@ -346,5 +494,15 @@ def load_settings(environ=None):
         metrics_multiproc_dir=multiproc_dir if metrics else None,
         secret_key=secret_key,
         card_keys=_card_keys(card_raw, "HOARDRUN_CARD_ENCRYPTION_KEYS"),
+        smtp_url=smtp_url,
+        smtp_timeout=_float(environ, "HOARDRUN_SMTP_TIMEOUT", DEFAULT_SMTP_TIMEOUT,
+                            minimum=0.1),
+        smtp_ca_file=environ.get("HOARDRUN_SMTP_CA_FILE") or None,
+        mail_from=mail_from,
+        verification_ttl=_int(environ, "HOARDRUN_VERIFICATION_TTL", DEFAULT_VERIFICATION_TTL,
+                              minimum=60),
+        reset_ttl=_int(environ, "HOARDRUN_RESET_TTL", DEFAULT_RESET_TTL, minimum=60),
     )
+    if settings.is_production:
+        _check_production_secrets(settings.secret_key, settings.card_keys)
     return settings

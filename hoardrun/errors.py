@@ -114,6 +114,10 @@ class RefundExceedsPayment(LedgerError):
     code, title = "refund-exceeds-payment", "Refund exceeds the original payment"
 
 
+class PaymentReversed(LedgerError):
+    code, title = "payment-reversed", "Payment was reversed"
+
+
 class InsufficientHolding(LedgerError):
     code, title = "insufficient-holding", "Not enough of the instrument held"
 
@@ -152,3 +156,31 @@ class OrderTooSmall(LedgerError):
 
 class BackupError(HoardRunError):
     code, status, title = "backup-error", 500, "Backup or restore failed"
+
+
+class InvalidCode(ValidationError):
+    """A verification code or reset token that is wrong, expired, used or spent."""
+
+    code, title = "invalid-code", "Invalid or expired code"
+
+
+class EmailNotVerified(Forbidden):
+    code, title = "email-not-verified", "Email address not verified"
+
+
+class AuthorizationResolved(Conflict):
+    code, title = "authorization-resolved", "Authorization already captured, voided or expired"
+
+
+class AuthorizationExpired(Conflict):
+    code, title = "authorization-expired", "Authorization has expired"
+
+
+class CaptureExceedsAuthorization(LedgerError):
+    code, title = "capture-exceeds-authorization", "Capture exceeds the authorized amount"
+
+
+class BatchRefused(LedgerError):
+    """A batch none of whose legs moved: ``legs`` names each failing leg (index, type, detail)."""
+
+    code, title = "batch-refused", "Batch refused: no leg was made"

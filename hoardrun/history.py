@@ -67,6 +67,15 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Reversal:
+    """The movement that undid a transfer or P2P payment, seen from my side."""
+
+    movement_id: uuid.UUID
+    entry_id: uuid.UUID  # the reversing entry on my account (GET /transactions/{id})
+    reversed_at: datetime
+
+
+@dataclass(frozen=True)
 class TransferRecord:
     """A transfer between two of my accounts."""
 
@@ -81,6 +90,7 @@ class TransferRecord:
     status: str
     created_at: datetime
     completed_at: datetime | None
+    reversal: Reversal | None = None  # set when status is "reversed"
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,7 @@ class Payment:
     status: str
     created_at: datetime
     completed_at: datetime | None
+    reversal: Reversal | None = None  # set when status is "reversed"
 
 
 @dataclass(frozen=True)
@@ -331,7 +342,18 @@ def entry(user_id, entry_id):
 
 _TRANSFER_SELECT = (
     "SELECT m.id, m.reference, m.from_account_id, m.to_account_id, m.amount, m.currency, "
-    "m.fee, m.description, m.status, m.created_at, m.completed_at FROM transfers m ")
+    "m.fee, m.description, m.status, m.created_at, m.completed_at, "
+    "m.reversal_id, rv.id, rv.created_at FROM transfers m "
+    # The reversing entry on the account the money left (where it came back).
+    "LEFT JOIN transactions rv ON rv.movement_id = m.reversal_id "
+    "AND rv.account_id = m.from_account_id ")
+
+
+def _reversal(movement_id, entry_id, reversed_at):
+    if movement_id is None:
+        return None
+    return Reversal(movement_id=_uuid(movement_id), entry_id=_uuid(entry_id),
+                    reversed_at=to_utc(reversed_at))
 
 
 def _transfer(row):
@@ -339,7 +361,7 @@ def _transfer(row):
         id=_uuid(row[0]), reference=row[1], from_account_id=_uuid(row[2]),
         to_account_id=_uuid(row[3]), amount=int(row[4]), currency=row[5], fee=int(row[6]),
         description=row[7], status=row[8], created_at=to_utc(row[9]),
-        completed_at=to_utc(row[10]))
+        completed_at=to_utc(row[10]), reversal=_reversal(*row[11:14]))
 
 
 def transfers(user_id, *, secret, limit=None, cursor=None, account_id=None, status=None):
@@ -380,10 +402,16 @@ def transfer(user_id, transfer_id):
 _P2P_SELECT = (
     "SELECT p.id, p.reference, p.sender_id, p.recipient_id, p.sender_account_id, "
     "p.recipient_account_id, p.amount, p.currency, p.note, p.status, p.created_at, "
-    "p.completed_at, s.first_name, s.last_name, r.first_name, r.last_name "
+    "p.completed_at, s.first_name, s.last_name, r.first_name, r.last_name, "
+    "p.reversal_id, rs.id, rs.created_at, rr.id, rr.created_at "
     "FROM p2p_transactions p "
     "JOIN users s ON s.id = p.sender_id "
-    "JOIN users r ON r.id = p.recipient_id ")
+    "JOIN users r ON r.id = p.recipient_id "
+    # The reversing entries on each side: each user is shown their own.
+    "LEFT JOIN transactions rs ON rs.movement_id = p.reversal_id "
+    "AND rs.account_id = p.sender_account_id "
+    "LEFT JOIN transactions rr ON rr.movement_id = p.reversal_id "
+    "AND rr.account_id = p.recipient_account_id ")
 
 
 def _payment(me):
@@ -400,7 +428,8 @@ def _payment(me):
             # Only my own account on the payment, never the other user's.
             account_id=_uuid(row[4] if sent else row[5]), counterparty=other,
             amount=int(row[6]), currency=row[7], note=row[8], status=row[9],
-            created_at=to_utc(row[10]), completed_at=to_utc(row[11]))
+            created_at=to_utc(row[10]), completed_at=to_utc(row[11]),
+            reversal=_reversal(row[16], *(row[17:19] if sent else row[19:21])))
     return make
 
 
@@ -484,3 +513,57 @@ def statement(user_id, account_id, *, start, end):
                      opening_balance=opening, total_in=total_in, total_out=total_out,
                      closing_balance=opening + total_in - total_out, entry_count=count,
                      by_type=by_type)
+
+
+# --------------------------------------------------------------------------
+# Balance as of a moment
+
+
+@dataclass(frozen=True)
+class BalanceAt:
+    """An account's balance at ``as_of``: the ``balance_after`` of its last entry then."""
+
+    account_id: uuid.UUID
+    currency: str
+    as_of: datetime
+    balance: int
+    held: int
+    entry_id: uuid.UUID | None
+    entry_at: datetime | None
+
+
+def balance_at(user_id, account_id, as_of, *, now):
+    """My account's balance (and what card holds reserved) at the instant ``as_of``.
+
+    One backward seek of the (account_id, created_at, id) index for the last
+    entry at or before ``as_of``, never a sum of history; before the first
+    entry the balance is zero. Holds active then (authorized at or before,
+    not yet resolved or expired) are summed over at most the 30 days a hold
+    can live. ``as_of`` after ``now`` is refused: that balance is not known
+    yet. NOTE: an instant within the last moments may still gain an entry
+    whose transaction has not committed yet.
+    """
+    as_of, now = _utc(as_of, "as_of"), _utc(now, "now")
+    if as_of is None:
+        raise errors.ValidationError("as_of is required", field="as_of")
+    if as_of > now:
+        raise errors.ValidationError("as_of is in the future: a balance is only known up to "
+                                     "now", field="as_of")
+    account_id = _as_uuid(account_id, "account_id")
+    at = _ts(as_of)
+    row = db.execute_sql(
+        "SELECT a.currency, t.balance_after, t.id, t.created_at, "
+        "(SELECT COALESCE(SUM(h.amount), 0) FROM card_holds h WHERE h.account_id = a.id "
+        "AND h.created_at <= %s AND h.created_at > %s - interval '30 days' "
+        "AND h.expires_at > %s AND (h.resolved_at IS NULL OR h.resolved_at > %s)) "
+        "FROM accounts a LEFT JOIN LATERAL (SELECT e.balance_after, e.id, e.created_at "
+        "FROM transactions e WHERE e.account_id = a.id AND e.created_at <= %s "
+        "ORDER BY e.created_at DESC, e.id DESC LIMIT 1) t ON TRUE "
+        "WHERE a.id = %s AND a.user_id = %s AND a.type <> 'settlement'",
+        (at, at, at, at, at, account_id.hex, _hex(user_id))).fetchone()
+    if row is None:
+        raise errors.NotFound("account not found", field="account_id")
+    currency, balance, entry_id, entry_at, held = row
+    return BalanceAt(account_id=account_id, currency=currency, as_of=as_of,
+                     balance=0 if balance is None else int(balance), held=int(held),
+                     entry_id=_uuid(entry_id), entry_at=to_utc(entry_at))

@@ -1,14 +1,17 @@
 """Investment holdings, the sandbox price list and buy/sell orders.
 
 Orders go through ``ledger.buy`` / ``ledger.sell``: the cash leg (quantity ×
-price, rounded half-to-even to the minor unit) and the holding change land
-in one database transaction, together with the audit row written here.
+price, rounded to the minor unit in the house's favour: a buy UP, a sell
+DOWN, so no round trip of orders can farm the rounding) and the holding
+change land in one database transaction, together with the audit row
+written here.
 
 Valuation: a holding's current value is quantity × current price rounded
-half-to-even to the minor unit, computed by one SQL expression that both the
-holdings list and the portfolio summary use, so the summary always equals
-the sum of the holdings it shows. Unrealised gain is current value minus
-cost basis (what was paid for the quantity still held, average-cost method).
+DOWN to the minor unit, i.e. what selling it now would pay (the sell rule),
+computed by one SQL expression that both the holdings list and the portfolio
+summary use, so the summary always equals the sum of the holdings it shows.
+Unrealised gain is current value minus cost basis (what was paid for the
+quantity still held, average-cost method).
 
 Values are computed by PostgreSQL exactly (NUMERIC), never through floats.
 """
@@ -121,9 +124,9 @@ def load_default_prices():
 # Holdings and the portfolio
 
 def _value_sql(alias="i"):
-    """SQL for a holding's current value in minor units, rounded half-to-even."""
-    # Functions from migration 003: the same rule as the trades' cash legs.
-    return (f"hoardrun_minor_half_even({alias}.quantity * {alias}.current_price, "
+    """SQL for a holding's current value in minor units: what a sale would pay now."""
+    # Functions from migrations 003/004: the same rule as a sell's cash leg.
+    return (f"hoardrun_minor_floor({alias}.quantity * {alias}.current_price, "
             f"hoardrun_currency_exponent({alias}.currency))")
 
 

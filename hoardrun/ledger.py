@@ -13,15 +13,17 @@ everything: one round trip, one implicit transaction. This module validates
 the arguments, calls the function and turns its SQLSTATEs into domain errors.
 """
 
+import json
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import peewee as pw
 
 from . import errors
+from .clock import utcnow
 from .db import db, driver_error, to_utc
 from .ids import parse_id
 from .models import CARD_CHANNELS, INVESTMENT_TYPES, InstrumentPrice, Investment
@@ -47,8 +49,22 @@ _PG_ERRORS = {
     "HR016": errors.InsufficientHolding,
     "HR017": errors.NotInvestmentAccount,
     "HR018": errors.OrderTooSmall,
+    "HR019": errors.PaymentReversed,
+    # An amount above MAX_MINOR_UNITS, e.g. a trade's computed cash leg.
+    "HR020": errors.AmountError,
+    "HR031": errors.AuthorizationResolved,
+    "HR032": errors.AuthorizationExpired,
+    "HR033": errors.CaptureExceedsAuthorization,
     "HR404": errors.NotFound,
 }
+
+#: A card authorization lasts this long unless it asks for less (or more, up to the maximum).
+HOLD_DEFAULT_EXPIRY = timedelta(days=7)
+HOLD_MAX_EXPIRY = timedelta(days=30)
+#: A batch moves at most this many legs in one call.
+BATCH_MAX_LEGS = 100
+#: The expiry sweep records at most this many holds per transaction.
+EXPIRE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,62 @@ class Trade:
     cash: int
     held_quantity: Decimal
     cost_basis: int
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A card authorization as stored (amounts in minor units; times on the app's clock)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    card_id: uuid.UUID
+    account_id: uuid.UUID
+    amount: int
+    currency: str
+    status: str
+    captured_amount: int | None
+    capture_movement_id: uuid.UUID | None
+    merchant_name: str
+    merchant_category: str
+    channel: str
+    international: bool
+    description: str | None
+    created_at: datetime
+    expires_at: datetime
+    resolved_at: datetime | None
+
+
+#: card_holds' columns in Hold's field order: every hold read selects these.
+HOLD_COLUMNS = ("id", "user_id", "card_id", "account_id", "amount", "currency", "status",
+                "captured_amount", "capture_movement_id", "merchant_name", "merchant_category",
+                "channel", "international", "description", "created_at", "expires_at",
+                "resolved_at")
+
+
+def hold_from_row(row):
+    """A ``Hold`` from the HOLD_COLUMNS of one row."""
+    (hold_id, user_id, card_id, account_id, amount, currency, status, captured,
+     movement, merchant_name, merchant_category, channel, international, description,
+     created_at, expires_at, resolved_at) = row
+    return Hold(uuid.UUID(str(hold_id)), uuid.UUID(str(user_id)), uuid.UUID(str(card_id)),
+                uuid.UUID(str(account_id)), int(amount), currency, status,
+                None if captured is None else int(captured),
+                None if movement is None else uuid.UUID(str(movement)), merchant_name,
+                merchant_category, channel, bool(international), description,
+                to_utc(created_at), to_utc(expires_at), to_utc(resolved_at))
+
+
+@dataclass(frozen=True)
+class BatchLeg:
+    """One leg of a batch: a transfer between my accounts, or a P2P payment (``p2p``)."""
+
+    id: uuid.UUID
+    p2p: bool
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID
+    amount: int
+    reference: str
+    text: str | None
 
 
 def new_reference(prefix, ident):
@@ -164,7 +236,11 @@ def reverse(entry_id, *, description=None):
 
     Each reversing entry points at the entry it reverses; an entry can be
     reversed once. Frozen accounts may be reversed into or out of; closed
-    ones may not.
+    ones may not. A reversed transfer or P2P payment gets status
+    ``reversed`` and the reversing movement's id. A card payment gives back
+    only what its refunds have not (refused when refunded in full), under
+    the card's lock; an investment order is refused (its holding would not
+    follow: the opposite order is the way back).
     """
     return _LEDGER.reverse(_uuid(entry_id, "entry_id"), uuid.uuid4(),
                               description or "Reversal")
@@ -189,15 +265,100 @@ def card_payment(user_id, card_id, amount, *, merchant_name, merchant_category, 
 
 
 def card_refund(user_id, payment_entry_id, amount, *, description=None):
-    """Give back up to the rest of a card payment; each refund entry points at it."""
+    """Give back up to the rest of a card payment; each refund entry points at it.
+
+    A reversed payment cannot be refunded (PaymentReversed), and a frozen
+    account takes no refund (AccountNotActive).
+    """
     _check_amount(amount)
     return _LEDGER.card_refund(uuid.uuid4(), _uuid(user_id, "user_id"),
                                   _uuid(payment_entry_id, "payment_id"), amount,
                                   description or "Refund")
 
 
+def authorize(user_id, card_id, amount, *, merchant_name, merchant_category, channel,
+              international=False, currency=None, description=None, expires_in=None, now):
+    """Place a hold on the card's account: the card rules of a payment, nothing moved.
+
+    The hold reserves ``amount`` (counted by every later funds check and
+    against the card's limits) until captured, voided or ``now +
+    expires_in`` (default 7 days, at most 30). ``now`` is the app's clock.
+    """
+    _check_amount(amount)
+    if channel not in CARD_CHANNELS:
+        raise errors.ValidationError(f"channel must be one of {', '.join(CARD_CHANNELS)}",
+                                     field="channel")
+    expires_in = HOLD_DEFAULT_EXPIRY if expires_in is None else expires_in
+    if not timedelta(0) < expires_in <= HOLD_MAX_EXPIRY:
+        raise errors.ValidationError("an authorization lasts more than zero and at most "
+                                     f"{HOLD_MAX_EXPIRY.days} days", field="expires_in_days")
+    return _LEDGER.authorize(uuid.uuid4(), _uuid(user_id, "user_id"), _uuid(card_id, "card_id"),
+                             amount, currency, merchant_name, merchant_category, channel,
+                             bool(international), description, expires_in, _aware(now))
+
+
+def capture(user_id, hold_id, amount=None, *, now):
+    """Capture an active hold once, for ``amount`` (default: all of it) ≤ what it holds.
+
+    The rest is released. Posts a card payment (refundable and reversible
+    like one). Returns ``(Hold, Posting)``. A resolved hold is
+    AuthorizationResolved, an expired one AuthorizationExpired (409).
+    """
+    if amount is not None:
+        _check_amount(amount)
+    return _LEDGER.capture(uuid.uuid4(), _uuid(user_id, "user_id"),
+                           _uuid(hold_id, "authorization_id"), amount, _aware(now))
+
+
+def void(user_id, hold_id, *, now):
+    """Release an active hold without moving money; returns the voided ``Hold``."""
+    return _LEDGER.void(_uuid(user_id, "user_id"), _uuid(hold_id, "authorization_id"),
+                        _aware(now))
+
+
+def expire_holds(now, *, batch_size=EXPIRE_BATCH):
+    """Record every hold past its expiry at ``now`` as expired; return how many.
+
+    Holds stop counting at their expiry whether or not this ran: it only
+    writes down what is already true. Each batch is its own transaction.
+    """
+    now, total = _aware(now), 0
+    while True:
+        with db.atomic():
+            done = _LEDGER.expire_holds(now, batch_size)
+        total += done
+        if done < batch_size:
+            return total
+
+
+def batch(user_id, legs):
+    """Post every leg of a batch, or none: one ledger call, accounts locked in id order.
+
+    ``legs`` are ``BatchLeg``s (1 to BATCH_MAX_LEGS). Returns one Posting per
+    leg, in order. Refused as a whole with BatchRefused whose ``failures``
+    are ``{index, code, side, message}`` (``code`` a domain error code,
+    ``side`` source or destination when the failure is one account's).
+    """
+    if not 1 <= len(legs) <= BATCH_MAX_LEGS:
+        raise errors.ValidationError(f"a batch has 1 to {BATCH_MAX_LEGS} legs", field="legs")
+    for leg in legs:
+        _check_amount(leg.amount)
+    return _LEDGER.batch(_uuid(user_id, "user_id"), legs)
+
+
+def _aware(now):
+    if not isinstance(now, datetime) or now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    return now.astimezone(timezone.utc)
+
+
 def buy(user_id, account_id, symbol, quantity):
-    """Buy ``quantity`` of ``symbol`` at the current price with cash from an investment account."""
+    """Buy ``quantity`` of ``symbol`` at the current price with cash from an investment account.
+
+    The cash leg is quantity x price rounded UP to the minor unit (sells round
+    down): rounding is in the house's favour, so no sequence of orders can
+    make money out of it. It may not exceed MAX_MINOR_UNITS (AmountError).
+    """
     return _trade(user_id, account_id, symbol, quantity, True)
 
 
@@ -221,13 +382,13 @@ def set_price(symbol, price, *, name=None, type=None, currency=None):
                                    price=price)
         else:
             changes = {InstrumentPrice.price: price,
-                       InstrumentPrice.updated_at: datetime.now(timezone.utc)}
+                       InstrumentPrice.updated_at: utcnow()}
             if name:
                 changes[InstrumentPrice.name] = name
             (InstrumentPrice.update(changes)
              .where(InstrumentPrice.symbol == symbol)
              .execute())
-        (Investment.update(current_price=price, updated_at=datetime.now(timezone.utc))
+        (Investment.update(current_price=price, updated_at=utcnow())
          .where(Investment.symbol == symbol)
          .execute())
     return InstrumentPrice.get_by_id(symbol)
@@ -272,7 +433,19 @@ def verify():
     2. each movement's entries sum to zero, and every transfer and P2P payment
        has exactly two entries of equal amount and opposite direction;
     3. every currency sums to zero over all accounts;
-    4. no customer balance is below its overdraft limit.
+    4. no customer balance is below its overdraft limit;
+    5. a transfer or P2P payment is ``reversed`` exactly when a reversing
+       movement (its ``reversal_id``) undoes its entries;
+    6. each holding's quantity is what the trades on its account and symbol
+       bought less what they sold, and its cost basis lies between zero
+       (zero when nothing is held) and what those buys paid;
+    7. every card hold is resolved at most once: its status and resolution
+       agree, and a captured hold has exactly one capture movement, a card
+       payment of its captured amount on its account and card;
+    8. no hold captured more than it held;
+    9. every account's available balance (balance - its active holds, as
+       the API shows it) equals balance minus the holds counted directly,
+       and is not below minus its overdraft limit.
     """
     problems = []
     signed = "CASE t.direction WHEN 'inbound' THEN t.amount ELSE -t.amount END"
@@ -292,11 +465,44 @@ def verify():
                 f"SUM(CASE WHEN t.direction = 'outbound' AND t.amount = m.amount THEN 1 ELSE 0 END) "
                 f"FROM {table} m LEFT JOIN transactions t "
                 f"ON t.{column} = m.id AND t.movement_id = m.id "
-                f"WHERE m.status = 'completed' GROUP BY m.id "
+                f"WHERE m.status IN ('completed', 'reversed') GROUP BY m.id "
                 f"HAVING COUNT(t.id) <> 2 OR SUM(CASE WHEN t.direction = 'inbound' "
                 f"AND t.amount = m.amount THEN 1 ELSE 0 END) <> 1"):
             problems.append(f"{table} {row_id}: {count} entries ({inbound or 0} in, "
                             f"{outbound or 0} out), expected one of each for its amount")
+    for table in ("transfers", "p2p_transactions"):
+        # A reversed movement's own two entries are each reversed by its
+        # reversal_id; a completed one's by nothing.
+        for row_id, status, undone in db.execute_sql(
+                f"SELECT m.id, m.status, COUNT(r.id) FROM {table} m "
+                f"JOIN transactions o ON o.movement_id = m.id "
+                f"LEFT JOIN transactions r ON r.reverses_id = o.id "
+                f"WHERE m.status IN ('completed', 'reversed') GROUP BY m.id, m.status "
+                f"HAVING CASE m.status WHEN 'reversed' THEN COUNT(r.id) <> 2 OR COUNT(r.id) "
+                f"FILTER (WHERE r.movement_id = m.reversal_id) <> 2 ELSE COUNT(r.id) <> 0 END"):
+            problems.append(f"{table} {row_id}: status {status} but {undone} of its entries "
+                            "reversed by its reversal")
+    for holding_id, quantity, traded, basis, bought in db.execute_sql(
+            "SELECT i.id, i.quantity, COALESCE(t.traded, 0), i.cost_basis, "
+            "COALESCE(t.bought, 0) FROM investments i LEFT JOIN ("
+            "SELECT account_id, symbol, "
+            "SUM(CASE type WHEN 'investment_buy' THEN quantity ELSE -quantity END) AS traded, "
+            "SUM(CASE type WHEN 'investment_buy' THEN amount ELSE 0 END) AS bought "
+            "FROM transactions WHERE symbol IS NOT NULL GROUP BY account_id, symbol) t "
+            "ON t.account_id = i.account_id AND t.symbol = i.symbol "
+            "WHERE i.quantity <> COALESCE(t.traded, 0) OR i.cost_basis < 0 "
+            "OR i.cost_basis > COALESCE(t.bought, 0) OR (i.quantity = 0 AND i.cost_basis <> 0)"):
+        problems.append(f"holding {holding_id}: quantity {quantity} and cost basis {basis}, "
+                        f"but its trades net {traded} for {bought} paid")
+    for account_id, symbol, traded in db.execute_sql(
+            "SELECT t.account_id, t.symbol, "
+            "SUM(CASE t.type WHEN 'investment_buy' THEN t.quantity ELSE -t.quantity END) "
+            "FROM transactions t WHERE t.symbol IS NOT NULL AND NOT EXISTS ("
+            "SELECT 1 FROM investments i WHERE i.account_id = t.account_id "
+            "AND i.symbol = t.symbol) GROUP BY t.account_id, t.symbol"):
+        problems.append(f"account {account_id}: trades of {symbol} net {traded} "
+                        "but there is no holding")
+    problems.extend(_verify_holds())
     for currency, total in db.execute_sql(
             "SELECT currency, SUM(balance) FROM accounts GROUP BY currency "
             "HAVING SUM(balance) <> 0"):
@@ -305,6 +511,45 @@ def verify():
             "SELECT id, balance, overdraft_limit FROM accounts "
             "WHERE type <> 'settlement' AND balance < -overdraft_limit"):
         problems.append(f"account {account_id}: balance {balance} below overdraft limit {limit}")
+    return problems
+
+
+def _verify_holds():
+    problems = []
+    for hold_id, status in db.execute_sql(
+            "SELECT id, status FROM card_holds WHERE "
+            "(status = 'active') <> (resolved_at IS NULL) "
+            "OR (status = 'captured') <> (captured_amount IS NOT NULL) "
+            "OR (status = 'captured') <> (capture_movement_id IS NOT NULL) "
+            "OR status NOT IN ('active', 'captured', 'voided', 'expired')"):
+        problems.append(f"hold {hold_id}: status {status} disagrees with its resolution")
+    for hold_id, amount, captured in db.execute_sql(
+            "SELECT id, amount, captured_amount FROM card_holds "
+            "WHERE captured_amount > amount OR captured_amount <= 0"):
+        problems.append(f"hold {hold_id}: captured {captured} of {amount} held")
+    for hold_id, entries, payments in db.execute_sql(
+            "SELECT h.id, COUNT(t.id), COUNT(t.id) FILTER (WHERE t.direction = 'outbound' "
+            "AND t.type = 'payment' AND t.account_id = h.account_id AND t.card_id = h.card_id "
+            "AND t.amount = h.captured_amount) FROM card_holds h "
+            "LEFT JOIN transactions t ON t.movement_id = h.capture_movement_id "
+            "WHERE h.status = 'captured' GROUP BY h.id "
+            "HAVING COUNT(t.id) <> 2 OR COUNT(t.id) FILTER (WHERE t.direction = 'outbound' "
+            "AND t.type = 'payment' AND t.account_id = h.account_id AND t.card_id = h.card_id "
+            "AND t.amount = h.captured_amount) <> 1"):
+        problems.append(f"hold {hold_id}: captured, but its capture movement has {entries} "
+                        f"entries and {payments} matching card payment(s), not 2 and 1")
+    for account_id, balance, shown, counted, limit in db.execute_sql(
+            "SELECT a.id, a.balance, a.balance - hoardrun_held(a.id, n.at), "
+            "a.balance - COALESCE(h.held, 0), a.overdraft_limit "
+            "FROM (SELECT clock_timestamp() AS at) n CROSS JOIN accounts a "
+            "LEFT JOIN LATERAL (SELECT SUM(x.amount) AS held FROM card_holds x "
+            "WHERE x.account_id = a.id AND x.status = 'active' AND x.expires_at > n.at) h "
+            "ON TRUE "
+            "WHERE a.balance - hoardrun_held(a.id, n.at) <> a.balance - COALESCE(h.held, 0) "
+            "OR (a.type <> 'settlement' "
+            "AND a.balance - hoardrun_held(a.id, n.at) < -a.overdraft_limit)"):
+        problems.append(f"account {account_id}: balance {balance}, available {shown} (holds "
+                        f"counted directly: {counted}), overdraft limit {limit}")
     return problems
 
 
@@ -374,6 +619,53 @@ class _PostgresLedger:
         holding_id, price, held, basis = row[10:]
         return Trade(posting, uuid.UUID(str(holding_id)), symbol, quantity, Decimal(price),
                      posting.amount, Decimal(held), int(basis))
+
+    def authorize(self, hold_id, user_id, card_id, amount, currency, merchant_name,
+                  merchant_category, channel, international, description, expires_in, now):
+        sql = (f"SELECT {', '.join('h.' + c for c in HOLD_COLUMNS)} FROM hoardrun_authorize("
+               "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) h")
+        return hold_from_row(self._row(sql, (
+            hold_id.hex, user_id.hex, card_id.hex, amount, currency, merchant_name,
+            merchant_category, channel, international, description, expires_in, now)))
+
+    def capture(self, movement_id, user_id, hold_id, amount, now):
+        sql = (f"SELECT {', '.join('(r.hold).' + c for c in HOLD_COLUMNS)}, (r.posting).* "
+               "FROM hoardrun_capture(%s, %s, %s, %s, %s) r")
+        row = self._row(sql, (movement_id.hex, user_id.hex, hold_id.hex, amount, now))
+        return hold_from_row(row[:len(HOLD_COLUMNS)]), _posting(row[len(HOLD_COLUMNS):])
+
+    def void(self, user_id, hold_id, now):
+        sql = (f"SELECT {', '.join('h.' + c for c in HOLD_COLUMNS)} "
+               "FROM hoardrun_void(%s, %s, %s) h")
+        return hold_from_row(self._row(sql, (user_id.hex, hold_id.hex, now)))
+
+    def expire_holds(self, now, limit):
+        return int(self._row("SELECT hoardrun_expire_holds(%s, %s)", (now, limit))[0])
+
+    def batch(self, user_id, legs):
+        sql = ("SELECT * FROM hoardrun_batch(%s, %s::uuid[], %s::boolean[], %s::uuid[], "
+               "%s::uuid[], %s::bigint[], %s::text[], %s::text[])")
+        args = (user_id.hex, [leg.id.hex for leg in legs], [leg.p2p for leg in legs],
+                [leg.from_account_id.hex for leg in legs],
+                [leg.to_account_id.hex for leg in legs], [leg.amount for leg in legs],
+                [leg.reference for leg in legs], [leg.text for leg in legs])
+        try:
+            rows = db.execute_sql(sql, args).fetchall()
+        except pw.DatabaseError as exc:
+            orig = driver_error(exc)
+            if getattr(orig, "pgcode", None) == "HR030":
+                failures = json.loads(orig.diag.message_detail)
+                raise errors.BatchRefused("no leg was made: " + ", ".join(
+                    f"leg {f['index']}" for f in failures) + " cannot be", failures=[
+                        dict(f, code=_PG_ERRORS[f["code"]].code) for f in failures]) from None
+            raise _translate_pg(exc) from None
+        return [_posting(row) for row in rows]
+
+    def _row(self, sql, args):
+        try:
+            return db.execute_sql(sql, args).fetchone()
+        except pw.DatabaseError as exc:
+            raise _translate_pg(exc) from None
 
     def settlement_account(self, currency):
         row = db.execute_sql("SELECT hoardrun_settlement_account(%s)", (currency,)).fetchone()

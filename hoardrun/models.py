@@ -30,7 +30,14 @@ CARD_TYPES = ("debit", "credit", "prepaid")
 CARD_STATUSES = ("active", "inactive", "blocked", "expired", "cancelled")
 INVESTMENT_TYPES = ("stock", "etf", "bond", "mutual_fund", "crypto")
 CARD_CHANNELS = ("online", "contactless", "chip")
-MOVEMENT_STATUSES = ("pending", "completed", "failed", "cancelled")
+# A reversed transfer or P2P payment completed once and was undone by the
+# reversing movement its reversal_id names.
+MOVEMENT_STATUSES = ("pending", "completed", "failed", "cancelled", "reversed")
+TRADE_ENTRY_TYPES = ("investment_buy", "investment_sell")
+EMAIL_CODE_PURPOSES = ("verify_email", "reset_password")
+MAIL_STATUSES = ("pending", "sent", "failed")
+# A card authorization reserves money while active; it ends once, in one of the others.
+HOLD_STATUSES = ("active", "captured", "voided", "expired")
 
 
 def _in(column, values):
@@ -67,6 +74,8 @@ class User(BaseModel):
     last_login_at = UTCDateTimeField(null=True)
     created_at = UTCDateTimeField(constraints=_now())
     updated_at = UTCDateTimeField(constraints=_now())
+    # A new address the user asked for; it replaces ``email`` only once verified.
+    pending_email = pw.CharField(max_length=254, null=True)
 
     class Meta:
         table_name = "users"
@@ -89,6 +98,9 @@ class User(BaseModel):
                    " AND substr(country, 1, 1) BETWEEN 'A' AND 'Z'"
                    " AND substr(country, 2, 1) BETWEEN 'A' AND 'Z')"),
             _check("users_failed_logins", "failed_logins >= 0"),
+            _check("users_pending_email",
+                   "pending_email IS NULL OR (pending_email <> email AND length(pending_email) >= 3"
+                   " AND pending_email <> replace(pending_email, '@', ''))"),
         ]
 
 
@@ -201,6 +213,8 @@ class Transfer(BaseModel):
                           constraints=[SQL("DEFAULT 'completed'")])
     created_at = UTCDateTimeField(constraints=_now())
     completed_at = UTCDateTimeField(null=True)
+    # The movement id of the reversing pair, once reversed.
+    reversal_id = pw.UUIDField(null=True)
 
     class Meta:
         table_name = "transfers"
@@ -211,7 +225,8 @@ class Transfer(BaseModel):
             _currency_check("transfers"),
             _check("transfers_status", _in("status", MOVEMENT_STATUSES)),
             _check("transfers_completed_at",
-                   "(status = 'completed') = (completed_at IS NOT NULL)"),
+                   "(status IN ('completed', 'reversed')) = (completed_at IS NOT NULL)"),
+            _check("transfers_reversal", "(status = 'reversed') = (reversal_id IS NOT NULL)"),
         ]
         indexes = (
             (("user", "created_at"), False),
@@ -232,6 +247,8 @@ class P2PTransaction(BaseModel):
                           constraints=[SQL("DEFAULT 'completed'")])
     created_at = UTCDateTimeField(constraints=_now())
     completed_at = UTCDateTimeField(null=True)
+    # The movement id of the reversing pair, once reversed.
+    reversal_id = pw.UUIDField(null=True)
 
     class Meta:
         table_name = "p2p_transactions"
@@ -241,7 +258,9 @@ class P2PTransaction(BaseModel):
             _check("p2p_amount_positive", "amount > 0"),
             _currency_check("p2p_transactions"),
             _check("p2p_status", _in("status", MOVEMENT_STATUSES)),
-            _check("p2p_completed_at", "(status = 'completed') = (completed_at IS NOT NULL)"),
+            _check("p2p_completed_at",
+                   "(status IN ('completed', 'reversed')) = (completed_at IS NOT NULL)"),
+            _check("p2p_reversal", "(status = 'reversed') = (reversal_id IS NOT NULL)"),
         ]
         indexes = (
             (("sender", "created_at"), False),
@@ -282,6 +301,10 @@ class Transaction(BaseModel):
     # A refund points at the card payment it gives money back for; several
     # partial refunds may point at one payment (never more than its amount).
     refund_of = pw.ForeignKeyField("self", null=True, backref="refunds", on_delete="RESTRICT")
+    # A trade's customer-side entry: what it bought or sold, so the holdings
+    # can be checked against the trades that made them (ledger.verify).
+    symbol = pw.CharField(max_length=12, null=True)
+    quantity = pw.DecimalField(max_digits=24, decimal_places=8, auto_round=False, null=True)
 
     class Meta:
         table_name = "transactions"
@@ -292,6 +315,10 @@ class Transaction(BaseModel):
             _currency_check("transactions"),
             _check("transactions_status", _in("status", ENTRY_STATUSES)),
             _check("transactions_not_self_reversal", "reverses_id IS NULL OR reverses_id <> id"),
+            _check("transactions_trade",
+                   f"(quantity IS NOT NULL) = ({_in('type', TRADE_ENTRY_TYPES)}) "
+                   "AND (symbol IS NOT NULL) = (quantity IS NOT NULL) "
+                   "AND (quantity IS NULL OR quantity > 0)"),
         ]
         indexes = (
             # History pages: newest first within one account, keyset on (created_at, id).
@@ -415,6 +442,124 @@ class AuditLog(BaseModel):
         )
 
 
+class EmailCode(BaseModel):
+    """A verification code or reset token sent to ``email``, stored only as a keyed hash."""
+
+    id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
+    user = pw.ForeignKeyField(User, backref="email_codes", on_delete="CASCADE")
+    purpose = pw.CharField(max_length=16)
+    email = pw.CharField(max_length=254)
+    code_hash = pw.CharField(max_length=64, unique=True)
+    attempts = pw.SmallIntegerField(default=0, constraints=[SQL("DEFAULT 0")])
+    created_at = UTCDateTimeField(constraints=_now())
+    expires_at = UTCDateTimeField()
+    used_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "email_codes"
+        constraints = [
+            _check("email_codes_purpose", _in("purpose", EMAIL_CODE_PURPOSES)),
+            _check("email_codes_hash_hex", "length(code_hash) = 64"),
+            _check("email_codes_attempts", "attempts >= 0"),
+            _check("email_codes_expiry", "expires_at > created_at"),
+        ]
+        indexes = (
+            (("user", "purpose", "created_at"), False),
+        )
+
+
+class MailOutbox(BaseModel):
+    """A message waiting for (or done with) delivery; the body is encrypted."""
+
+    id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
+    recipient = pw.CharField(max_length=254)
+    subject = pw.CharField(max_length=200)
+    body = pw.TextField(null=True)
+    status = pw.CharField(max_length=8, default="pending",
+                          constraints=[SQL("DEFAULT 'pending'")])
+    attempts = pw.SmallIntegerField(default=0, constraints=[SQL("DEFAULT 0")])
+    last_error = pw.CharField(max_length=500, null=True)
+    created_at = UTCDateTimeField(constraints=_now())
+    next_attempt_at = UTCDateTimeField(constraints=_now())
+    sent_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "mail_outbox"
+        constraints = [
+            _check("mail_outbox_status", _in("status", MAIL_STATUSES)),
+            _check("mail_outbox_attempts", "attempts >= 0"),
+            _check("mail_outbox_sent_at", "(status = 'sent') = (sent_at IS NOT NULL)"),
+        ]
+        indexes = (
+            (("created_at",), False),
+        )
+
+
+# What the sender polls: only undelivered mail, by when it is due.
+MailOutbox.add_index(MailOutbox.index(MailOutbox.next_attempt_at,
+                                      where=(MailOutbox.status == "pending"),
+                                      name="mail_outbox_due"))
+
+
+class CardHold(BaseModel):
+    """A card authorization: money reserved on the card's account, not moved (migration 008).
+
+    Active until captured (once, at most ``amount``), voided or expired; a
+    trigger refuses any change to a resolved hold. ``created_at``,
+    ``expires_at`` and ``resolved_at`` are the app's clock.
+    """
+
+    id = pw.UUIDField(primary_key=True, default=uuid.uuid4)
+    user = pw.ForeignKeyField(User, backref="card_holds", on_delete="RESTRICT")
+    card = pw.ForeignKeyField(Card, backref="holds", on_delete="RESTRICT")
+    account = pw.ForeignKeyField(Account, backref="holds", on_delete="RESTRICT")
+    amount = pw.BigIntegerField()
+    currency = pw.CharField(max_length=3)
+    status = pw.CharField(max_length=16, default="active", constraints=[SQL("DEFAULT 'active'")])
+    captured_amount = pw.BigIntegerField(null=True)
+    # The capture's movement: its two entries (a card payment) share this id.
+    capture_movement_id = pw.UUIDField(null=True, unique=True)
+    merchant_name = pw.CharField(max_length=200)
+    merchant_category = pw.CharField(max_length=64)
+    channel = pw.CharField(max_length=16)
+    international = pw.BooleanField(default=False, constraints=[SQL("DEFAULT FALSE")])
+    description = pw.CharField(max_length=500, null=True)
+    created_at = UTCDateTimeField()
+    expires_at = UTCDateTimeField()
+    resolved_at = UTCDateTimeField(null=True)
+
+    class Meta:
+        table_name = "card_holds"
+        constraints = [
+            _check("card_holds_amount_positive", "amount > 0"),
+            _currency_check("card_holds"),
+            _check("card_holds_status", _in("status", HOLD_STATUSES)),
+            _check("card_holds_channel", _in("channel", CARD_CHANNELS)),
+            _check("card_holds_captured",
+                   "(status = 'captured') = (captured_amount IS NOT NULL)"
+                   " AND (status = 'captured') = (capture_movement_id IS NOT NULL)"
+                   " AND (captured_amount IS NULL OR captured_amount BETWEEN 1 AND amount)"),
+            _check("card_holds_resolved",
+                   "(status = 'active') = (resolved_at IS NULL)"
+                   " AND (resolved_at IS NULL OR resolved_at >= created_at)"),
+            _check("card_holds_expiry",
+                   "expires_at > created_at AND expires_at <= created_at + interval '30 days'"),
+        ]
+        indexes = (
+            (("card", "created_at"), False),
+            (("account", "created_at"), False),
+        )
+
+
+# Only active holds: what every funds check sums, and what the expiry sweep looks for.
+CardHold.add_index(CardHold.index(CardHold.account, CardHold.expires_at,
+                                  where=(CardHold.status == "active"),
+                                  name="card_holds_active_account"))
+CardHold.add_index(CardHold.index(CardHold.expires_at, where=(CardHold.status == "active"),
+                                  name="card_holds_active_expiry"))
+
+
 #: Every model, in dependency order (create in this order, drop reversed).
 MODELS = (User, Account, Card, Transfer, P2PTransaction, Transaction, Investment,
-          InstrumentPrice, AuthToken, IdempotencyKey, AuditLog)
+          InstrumentPrice, AuthToken, IdempotencyKey, AuditLog, EmailCode, MailOutbox,
+          CardHold)

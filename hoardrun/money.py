@@ -97,16 +97,21 @@ def parse_amount(value, currency, *, field="amount", allow_zero=False, allow_neg
             raise AmountError(f"{field} must be a finite number", field=field)
         text = str(value)
     elif isinstance(value, str):
-        text = value.strip()
+        # Not stripped: " 5.00" is not the plain decimal the message asks for,
+        # and what a client sent must be what was read (no silent repair).
+        text = value
     else:
         raise AmountError(f"{field} must be a decimal string such as \"12.34\"", field=field)
-    if not _DECIMAL_TEXT.match(text):
-        if _LONG_DECIMAL_TEXT.match(text):
+    if not _DECIMAL_TEXT.fullmatch(text):
+        if _LONG_DECIMAL_TEXT.fullmatch(text):
             # Plain digits, just too many of them: say which limit was hit.
             if len(text.lstrip("-").partition(".")[0]) > 19:
                 raise AmountError(f"{field} is too large", field=field)
             raise AmountError(f"{field} has more than {cur.exponent} decimal places "
                               f"for {cur.code}", field=field)
+        if text != text.strip():
+            raise AmountError(f"{field} must be a plain decimal such as \"12.34\" "
+                              "without spaces", field=field)
         raise AmountError(f"{field} must be a plain decimal such as \"12.34\" "
                           "(no exponent, sign or separators)", field=field)
     try:
@@ -155,9 +160,9 @@ def format_amount(minor, currency):
 def round_to_minor(value, currency):
     """Round a Decimal amount of major units to minor units.
 
-    The one rounding rule for cash legs derived from prices and quantities:
-    banker's rounding (ROUND_HALF_EVEN), so over many trades it is biased
-    neither for nor against the customer.
+    Banker's rounding (ROUND_HALF_EVEN). NOTE: not the rule for a trade's
+    cash leg any more: the ledger functions (migration 004) round those in
+    the house's favour, a buy up and a sell down.
     """
     cur = currency if isinstance(currency, Currency) else get_currency(currency)
     if isinstance(value, (float, bool)):

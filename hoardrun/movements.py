@@ -14,8 +14,10 @@ land together or not at all.
 
 import contextlib
 import uuid
+from dataclasses import dataclass
 
 from . import audit, errors, history, ledger
+from .auth import normalise_email
 from .db import db
 from .ids import parse_id
 from .money import parse_amount
@@ -125,12 +127,24 @@ def transfer(user_id, from_account_id, to_account_id, amount, *, currency=None,
         created_at=posting.posted_at, completed_at=posting.posted_at)
 
 
-def find_recipient(sender_id, *, email=None, user_id=None):
-    """``(user_id, display name, primary account id or None)`` of an active user.
+# Every recipient that cannot be paid gets exactly this answer (status, type
+# and detail): unknown, inactive, without a usable primary account or one in
+# another currency. Different answers would tell a stranger which emails
+# are registered here.
+RECIPIENT_NOT_FOUND = "recipient not found, or they cannot receive this payment"
 
-    Exactly one of ``email`` / ``user_id``. Unknown, inactive and
-    not-a-customer recipients are all the same NotFound; paying yourself is
-    SameAccount.
+
+def _no_recipient():
+    return errors.NotFound(RECIPIENT_NOT_FOUND, field="recipient")
+
+
+def find_recipient(sender_id, *, email=None, user_id=None, currency=None):
+    """``(user_id, display name, primary account id)`` of an active user who can be paid.
+
+    Exactly one of ``email`` / ``user_id``. Unknown, inactive, unverified,
+    without an active primary account, or (``currency`` given) whose primary
+    account holds another currency: all the same NotFound. Paying yourself
+    is SameAccount; a sender whose email is not verified is EmailNotVerified.
     """
     if (email is None) == (user_id is None):
         raise errors.ValidationError("give the recipient's email or user_id (one of them)",
@@ -138,26 +152,91 @@ def find_recipient(sender_id, *, email=None, user_id=None):
     if email is not None:
         if not isinstance(email, str):
             raise errors.ValidationError("email must be text", field="recipient_email")
-        condition, value = "u.email = %s", email.strip().lower()
+        condition, value = "u.email = %s", normalise_email(email)
     else:
         try:
             value = _id(user_id, "recipient_user_id").hex
         except errors.NotFound:
-            raise errors.NotFound("recipient not found", field="recipient") from None
+            raise _no_recipient() from None
         condition = "u.id = %s"
-    row = db.execute_sql(
-        "SELECT u.id, u.first_name, u.last_name, a.id FROM users u "
-            "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
-            f"WHERE {condition} AND u.status = 'active'",
-        (True, value)).fetchone()
-    if row is None:
-        raise errors.NotFound("recipient not found", field="recipient")
+    # One statement from the sender's row: whether they may pay at all is
+    # decided before anything about the recipient, so an unverified sender
+    # learns nothing about who exists. Only a verified address receives:
+    # an unverified one (a squatter's) is the same 404 as an unknown one.
+    sender = db.execute_sql(
+        "SELECT s.email_verified, u.id, u.first_name, u.last_name, a.id, a.status, a.currency "
+        "FROM users s "
+        "LEFT JOIN users u ON " + condition + " AND " + _PAYABLE_USER + " "
+        "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
+        "WHERE s.id = %s",
+        (value, True, uuid.UUID(str(sender_id)).hex)).fetchone()
+    if sender is None or not sender[0]:
+        raise _sender_not_verified()
+    return _judge_recipient(sender_id, sender[1:], currency)
+
+
+# Who can be paid at all (the join condition of every recipient look-up).
+_PAYABLE_USER = "u.status = 'active' AND u.email_verified"
+
+
+def _sender_not_verified():
+    return errors.EmailNotVerified("verify your email address before sending payments "
+                                   "(POST /api/v1/auth/verify-email)")
+
+
+def _judge_recipient(sender_id, row, currency):
+    """``(user_id, name, primary account id)`` from a look-up row, or the one refusal.
+
+    ``row`` is ``(user id, first name, last name, account id, status, currency)``.
+    """
+    if row[0] is None:
+        raise _no_recipient()
     recipient = uuid.UUID(str(row[0]))
-    if recipient == sender_id:
+    if recipient == uuid.UUID(str(sender_id)):
         raise errors.SameAccount("you cannot pay yourself; use a transfer between your accounts",
                                  field="recipient")
-    return recipient, history.display_name(row[1], row[2]), (
-        None if row[3] is None else uuid.UUID(str(row[3])))
+    # Read without a lock: the ledger re-checks status and currency under its
+    # locks, so a change in between is refused there (as account-not-active
+    # or currency-mismatch), never paid.
+    if row[3] is None or row[4] != "active" or (currency is not None and row[5] != currency):
+        raise _no_recipient()
+    return recipient, history.display_name(row[1], row[2]), uuid.UUID(str(row[3]))
+
+
+def find_recipients(sender_id, targets):
+    """``find_recipient`` for many at once, in one statement: the same rules and answers.
+
+    ``targets`` are ``(email, user_id, currency)`` with exactly one of email
+    and user_id. Returns, in order, the ``(user_id, name, account id)`` of each
+    or the error ``find_recipient`` would raise for it. A sender whose email is
+    not verified is EmailNotVerified for all of them (raised).
+    """
+    emails, ids, known = [], [], []
+    for email, user_id, _ in targets:
+        try:
+            ids.append(None if user_id is None else _id(user_id, "recipient_user_id").hex)
+            known.append(True)
+        except errors.NotFound:
+            ids.append(None)
+            known.append(False)
+        emails.append(None if email is None else normalise_email(email))
+    rows = db.execute_sql(
+        "SELECT s.email_verified, u.id, u.first_name, u.last_name, a.id, a.status, a.currency "
+        "FROM users s "
+        "CROSS JOIN unnest(%s::text[], %s::uuid[]) WITH ORDINALITY AS q(email, uid, n) "
+        "LEFT JOIN users u ON (u.email = q.email OR u.id = q.uid) AND " + _PAYABLE_USER + " "
+        "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
+        "WHERE s.id = %s ORDER BY q.n",
+        (emails, ids, True, uuid.UUID(str(sender_id)).hex)).fetchall()
+    if not rows or not rows[0][0]:
+        raise _sender_not_verified()
+    found = []
+    for (_, _, currency), row, ok in zip(targets, rows, known):
+        try:
+            found.append(_judge_recipient(sender_id, row[1:] if ok else (None,) * 6, currency))
+        except errors.HoardRunError as exc:
+            found.append(exc)
+    return found
 
 
 def _primary_account(user_id):
@@ -179,16 +258,25 @@ def p2p(user_id, amount, *, recipient_email=None, recipient_user_id=None,
     user_id = _id(user_id, "user_id")
     note = _text(note, "note")
     with _transaction():
-        recipient, name, recipient_account = find_recipient(
-            user_id, email=recipient_email, user_id=recipient_user_id)
-        if recipient_account is None:
-            raise errors.NotFound("the recipient has no primary account to receive payments",
-                                  field="recipient")
+        # The sender's side first: what it answers does not depend on who the
+        # recipient is, so it tells nothing about them.
         source = (_primary_account(user_id) if from_account_id is None
                   else _id(from_account_id, "from_account_id"))
-        minor = parse_amount(amount, _account_currency(user_id, source, "from_account_id"))
-        posting = ledger.p2p_payment(user_id, source, recipient_account, minor,
-                                     currency=currency, note=note)
+        source_currency = _account_currency(user_id, source, "from_account_id")
+        minor = parse_amount(amount, source_currency)
+        recipient, name, recipient_account = find_recipient(
+            user_id, email=recipient_email, user_id=recipient_user_id,
+            currency=source_currency)
+        try:
+            posting = ledger.p2p_payment(user_id, source, recipient_account, minor,
+                                         currency=currency, note=note)
+        except errors.AccountNotActive as exc:
+            # Frozen or closed since find_recipient read it: a sender must
+            # not learn the state of the recipient's account (the credited,
+            # "destination" side of the ledger's pair), only that it failed.
+            if exc.detail.startswith("the destination account"):
+                raise _no_recipient() from None
+            raise
         _movement_audit("p2p.create", "p2p", posting.movement_id, user_id, posting, request_id,
                         recipient_id=recipient)
     return history.Payment(
@@ -197,3 +285,182 @@ def p2p(user_id, amount, *, recipient_email=None, recipient_user_id=None,
         counterparty=history.Counterparty("user", user_id=recipient, name=name),
         amount=posting.amount, currency=posting.currency, note=note, status="completed",
         created_at=posting.posted_at, completed_at=posting.posted_at)
+
+
+# --------------------------------------------------------------------------
+# Batches
+
+#: At most this many legs in one batch.
+BATCH_MAX_LEGS = ledger.BATCH_MAX_LEGS
+
+
+@dataclass(frozen=True)
+class LegRequest:
+    """One leg as asked: from my account to my other account or to another user."""
+
+    from_account_id: object
+    amount: object
+    to_account_id: object = None
+    recipient_email: object = None
+    recipient_user_id: object = None
+    description: object = None
+
+
+@dataclass(frozen=True)
+class BatchLegRecord:
+    """One made leg: a transfer or a P2P payment (``counterparty`` for the latter)."""
+
+    index: int
+    kind: str
+    id: uuid.UUID
+    reference: str
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID | None
+    counterparty: object
+    amount: int
+    currency: str
+    description: str | None
+    created_at: object
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    id: uuid.UUID
+    legs: list
+
+
+def _leg_failure(index, exc):
+    return {"index": index, "type": exc.code, "detail": exc.detail}
+
+
+def batch(user_id, legs, *, request_id=None):
+    """Make every leg, or none: transfers to my accounts and P2P payments to other users.
+
+    Up to BATCH_MAX_LEGS legs; recipients follow the P2P rules
+    (``find_recipient``: verified, active, with a primary account in the
+    leg's currency, all else one identical not-found). Refused as a whole
+    with BatchRefused, whose ``legs`` are ``{index, type, detail}`` for each
+    failing leg (``type`` the problem code that leg alone would have got).
+    All accounts are locked, checked and posted in one ledger call.
+    """
+    user_id = _id(user_id, "user_id")
+    if not 1 <= len(legs) <= BATCH_MAX_LEGS:
+        raise errors.ValidationError(f"a batch has 1 to {BATCH_MAX_LEGS} legs", field="legs")
+    failures, planned, targets = [], [None] * len(legs), []
+    with _transaction():
+        for index, leg in enumerate(legs):
+            try:
+                planned[index] = _plan_leg(user_id, leg, targets, index)
+            except errors.HoardRunError as exc:
+                if exc.status >= 500:
+                    raise
+                failures.append(_leg_failure(index, exc))
+        if targets:
+            found = find_recipients(user_id, [t[1:] for t in targets])
+            for (index, *_), result in zip(targets, found):
+                if isinstance(result, errors.HoardRunError):
+                    failures.append(_leg_failure(index, result))
+                    planned[index] = None
+                elif planned[index] is not None:
+                    planned[index] = dict(planned[index], to=result[2], counterparty=result)
+        if failures:
+            # Name the ledger's reasons for the other legs too: a dry run of
+            # them, rolled back whatever it finds.
+            rest = [(i, p) for i, p in enumerate(planned) if p is not None]
+            if rest:
+                failures.extend(_dry_run(user_id, rest))
+            raise _refused(failures)
+        made = [_ledger_leg(p) for p in planned]
+        try:
+            postings = ledger.batch(user_id, made)
+        except errors.BatchRefused as exc:
+            raise _refused([{"index": f["index"], **_ledger_failure(planned[f["index"]], f)}
+                            for f in exc.extra["failures"]]) from None
+        batch_id = uuid.uuid4()
+        audit.record("batch.create", "batch", batch_id, actor_id=user_id, after={
+            "legs": [{"kind": "p2p" if leg.p2p else "transfer", "movement_id": leg.id,
+                      "amount": leg.amount, "from_account_id": leg.from_account_id}
+                     for leg in made],
+            "currency_totals": _totals(postings)}, request_id=request_id)
+    records = []
+    for index, (p, leg, posting) in enumerate(zip(planned, made, postings)):
+        counterparty = None
+        if p["p2p"]:
+            recipient, name, _ = p["counterparty"]
+            counterparty = history.Counterparty("user", user_id=recipient, name=name)
+        records.append(BatchLegRecord(
+            index=index, kind="p2p" if p["p2p"] else "transfer", id=leg.id,
+            reference=leg.reference, from_account_id=leg.from_account_id,
+            to_account_id=None if p["p2p"] else leg.to_account_id, counterparty=counterparty,
+            amount=posting.amount, currency=posting.currency, description=leg.text,
+            created_at=posting.posted_at))
+    return BatchRecord(id=batch_id, legs=records)
+
+
+def _ledger_leg(plan):
+    prefix = "P2P" if plan["p2p"] else "TRF"
+    return ledger.BatchLeg(id=plan["id"], p2p=plan["p2p"], from_account_id=plan["from"],
+                           to_account_id=plan["to"], amount=plan["amount"],
+                           reference=ledger.new_reference(prefix, plan["id"]),
+                           text=plan["text"])
+
+
+class _DryRun(Exception):
+    """Undoes a batch run only to learn which of its legs the ledger refuses."""
+
+
+def _dry_run(user_id, rest):
+    """The ledger's failures of the legs ``rest`` (``(index, plan)``), nothing kept."""
+    try:
+        with db.atomic():  # a savepoint inside the batch's transaction
+            ledger.batch(user_id, [_ledger_leg(plan) for _, plan in rest])
+            raise _DryRun
+    except _DryRun:
+        return []
+    except errors.BatchRefused as exc:
+        return [{"index": rest[f["index"]][0], **_ledger_failure(rest[f["index"]][1], f)}
+                for f in exc.extra["failures"]]
+
+
+def _plan_leg(user_id, leg, targets, index):
+    source = _id(leg.from_account_id, "from_account_id")
+    currency = _account_currency(user_id, source, "from_account_id")
+    minor = parse_amount(leg.amount, currency)
+    text = _text(leg.description, "description")
+    given = [v for v in (leg.to_account_id, leg.recipient_email, leg.recipient_user_id)
+             if v is not None]
+    if len(given) != 1:
+        raise errors.ValidationError("give exactly one of to_account_id, recipient_email or "
+                                     "recipient_user_id", field="to_account_id")
+    plan = {"id": uuid.uuid4(), "from": source, "amount": minor, "text": text}
+    if leg.to_account_id is not None:
+        to = _id(leg.to_account_id, "to_account_id")
+        if to == source:
+            raise errors.SameAccount("cannot transfer to the same account",
+                                     field="to_account_id")
+        return dict(plan, p2p=False, to=to)
+    targets.append((index, leg.recipient_email, leg.recipient_user_id, currency))
+    return dict(plan, p2p=True, to=None)
+
+
+def _ledger_failure(plan, failure):
+    """A ledger refusal of one leg as that leg's ``{type, detail}``."""
+    if plan["p2p"] and failure["side"] == "destination":
+        # As for a single P2P payment: nothing about the recipient's account.
+        return {"type": errors.NotFound.code, "detail": RECIPIENT_NOT_FOUND}
+    return {"type": failure["code"], "detail": failure["message"]}
+
+
+def _refused(failures):
+    failures = sorted(failures, key=lambda f: f["index"])
+    shown = ", ".join(str(f["index"]) for f in failures[:10])
+    more = "" if len(failures) <= 10 else f" and {len(failures) - 10} more"
+    return errors.BatchRefused(f"no leg was made: leg(s) {shown}{more} cannot be (see legs)",
+                               field="legs", legs=failures)
+
+
+def _totals(postings):
+    totals = {}
+    for posting in postings:
+        totals[posting.currency] = totals.get(posting.currency, 0) + posting.amount
+    return totals

@@ -6,6 +6,7 @@ shape of a user that goes into the audit log.
 """
 
 import re
+import unicodedata
 import uuid
 
 import peewee as pw
@@ -53,13 +54,39 @@ def audit_view(user):
 # Field rules (each returns the normalised value or raises ValidationError)
 
 def clean_email(value, field="email"):
-    """Return ``value`` trimmed and lower-case if it is an email address."""
+    """Return ``value`` normalised (``auth.normalise_email``) if it is an email address.
+
+    A local part that mixes look-alike scripts (a Cyrillic "а" among Latin
+    letters) is refused: it would be a second account that reads exactly
+    like someone else's address.
+    """
     if not isinstance(value, str):
         raise errors.ValidationError("email must be a string", field=field)
     email = auth.normalise_email(value)
     if len(email) > EMAIL_MAX or not _EMAIL.fullmatch(email) or not email.isprintable():
         raise errors.ValidationError("email is not a valid email address", field=field)
+    scripts = letter_scripts(email.rpartition("@")[0])
+    if len(scripts) > 1 and not scripts <= _COMBINABLE_SCRIPTS:
+        raise errors.ValidationError(
+            "email mixes letters of different scripts (" + ", ".join(sorted(scripts)).title()
+            + ") in one name; write it in one script", field=field)
     return email
+
+
+# Scripts that are written together (Japanese, Chinese, Korean with Latin,
+# as Unicode's "highly restrictive" profile, UTS #39, allows); any other mix,
+# such as Latin with Cyrillic or Greek, is how look-alike addresses are made.
+_COMBINABLE_SCRIPTS = frozenset({"LATIN", "CJK", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO"})
+
+
+def letter_scripts(text):
+    """The scripts of the letters in ``text``, by Unicode character name ("LATIN", "GREEK")."""
+    scripts = set()
+    for char in text:
+        if char.isalpha():
+            name = unicodedata.name(char, "")
+            scripts.add(name.split(" ", 1)[0] if name else "UNKNOWN")
+    return scripts
 
 
 def clean_name(value, field):
@@ -287,7 +314,7 @@ def list_users(*, secret, email=None, status=None, role=None, limit=None, cursor
     """
     query = User.select()
     if email:
-        query = query.where(_contains(User.email, email.strip().lower()))
+        query = query.where(_contains(User.email, auth.normalise_email(email)))
     if status is not None:
         if status not in USER_STATUSES:
             raise errors.ValidationError(f"status must be one of {', '.join(USER_STATUSES)}",

@@ -23,9 +23,10 @@ from hoardrun import db as dbm
 from hoardrun import embedded, schema
 from hoardrun.config import load_settings, mask_url
 
-TEST_SECRET = "test-secret-key-" + "x" * 40
-# A fixed, valid Fernet key: tests never touch the developer's secrets file.
-TEST_CARD_KEY = "dGVzdC1jYXJkLWtleS0wMDAwMDAwMDAwMDAwMDAwMDA="
+# Fixed random values (tests never touch the developer's secrets file), strong
+# enough for HOARDRUN_ENV=production, which refuses placeholders.
+TEST_SECRET = "s82QnOZH_NzCgcBXce2qsfieL7IgoN3BSkTT-bh-d9UyqYXHocsip8Qy1viekXng"
+TEST_CARD_KEY = "RS-1zJbziFT0y1hRmd9W_XSVjKVBLpvrG_7aScnA1cI="
 TEST_DATABASE = "hoardrun_test"
 # Throwaway data: durability buys nothing here and costs seconds.
 EMBEDDED_TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off",

@@ -12,6 +12,9 @@ By default the user row is written directly with a password hash made once
 per session and the token comes from ``hoardrun.auth.issue_token``: the same
 rows the API would write, without ~40 ms of argon2 per user. Pass
 ``via_api=True`` to go through ``POST /auth/register`` and ``/auth/login``.
+Users are email-verified unless ``verified=False`` (the flag is set in the
+database: driving the mailed code is what tests/integration/test_email_ownership.py
+does), so they can pay and be paid by email.
 """
 
 import uuid
@@ -80,24 +83,26 @@ def login_token(client, email, password=PASSWORD):
 
 
 def make_user(client=None, *, role="user", status="active", email=None, password=PASSWORD,
-              via_api=False, **fields):
+              via_api=False, verified=True, **fields):
     """Create a user with a live token and return a ``Person``."""
     email = email or unique_email(role)
     if via_api:
         result = register(client, email, password=password, **fields)
         assert result.status_code == 201, result.text
         user_id = uuid.UUID(result.json["id"])
+        if verified:
+            User.update(email_verified=True).where(User.id == user_id).execute()
         if role != "user" or status != "active":
             # There is no API for granting roles; a test does it in the database.
             User.update(role=role, status=status).where(User.id == user_id).execute()
         token = login_token(client, email, password) if status == "active" else \
             auth.issue_token(user_id)[0]
-        profile = result.json
+        profile = {**result.json, "email_verified": verified}
     else:
         values = {"first_name": "Jane", "last_name": "Doe", **fields}
         user = User.create(email=email, password_hash=password_hash(password), role=role,
                            status=status, created_at=auth.utcnow(), updated_at=auth.utcnow(),
-                           **values)
+                           email_verified=verified, **values)
         user_id = user.id
         token, _ = auth.issue_token(user_id)
         profile = {}

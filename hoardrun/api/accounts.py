@@ -1,9 +1,11 @@
 """``/api/v1/accounts``: open, list, read, rename, make primary, close.
 
-Balances are decimal strings in the account's currency (``available`` is
-balance + overdraft limit). An account that exists but is someone else's
+Balances are decimal strings in the account's currency: ``balance``,
+``pending_holds`` (what active card authorizations reserve),
+``available_balance`` (balance - pending holds) and ``available`` (what can
+be spent: available balance + overdraft limit). An account that exists but is someone else's
 answers 404, exactly like one that does not exist. Money moves through
-``hoardrun.api.money``; history is in ``hoardrun.api.transactions``.
+``hoardrun.api.movements``; history is in ``hoardrun.api.history``.
 """
 
 import uuid
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from spectree import Response
 
 from .. import accounts
+from ..auth import utcnow
 from ..models import ACCOUNT_STATUSES, ACCOUNT_TYPES
 from ..money import format_amount
 from .openapi import BEARER, Problem, spec
@@ -51,7 +54,13 @@ class AccountOut(BaseModel):
     status: Literal[ACCOUNT_STATUSES]
     currency: str
     balance: str = Field(examples=["1250.00"])
-    available: str = Field(description="balance + overdraft_limit", examples=["1750.00"])
+    available_balance: str = Field(description="balance - pending_holds: what is mine once "
+                                               "pending card authorizations are paid",
+                                   examples=["1130.00"])
+    pending_holds: str = Field(description="What active card authorizations reserve",
+                               examples=["120.00"])
+    available: str = Field(description="What can be spent now: available_balance + "
+                                       "overdraft_limit", examples=["1630.00"])
     overdraft_limit: str
     is_primary: bool
     created_at: datetime
@@ -66,11 +75,15 @@ class AccountList(BaseModel):
 def render_account(account):
     """``account`` (a model) as the ``AccountOut`` dict."""
     currency = account.currency
+    held = int(getattr(account, "held", 0) or 0)
     return {
         "id": account.id, "account_number": account.account_number, "name": account.name,
         "type": account.type, "status": account.status, "currency": currency,
         "balance": format_amount(account.balance, currency),
-        "available": format_amount(account.balance + account.overdraft_limit, currency),
+        "available_balance": format_amount(account.balance - held, currency),
+        "pending_holds": format_amount(held, currency),
+        "available": format_amount(account.balance - held + account.overdraft_limit,
+                                   currency),
         "overdraft_limit": format_amount(account.overdraft_limit, currency),
         "is_primary": bool(account.is_primary), "created_at": account.created_at,
         "updated_at": account.updated_at, "closed_at": account.closed_at,
@@ -88,12 +101,16 @@ _ERRORS = dict(HTTP_401=Problem, HTTP_404=Problem)
 class Accounts:
     """``/accounts``: my accounts; open a new one."""
 
+    def __init__(self, clock):
+        self.clock = clock
+
     @spec.validate(resp=Response(HTTP_200=AccountList, HTTP_401=Problem), security=BEARER,
                    tags=TAGS)
     def on_get(self, req, resp):
         """List my accounts, oldest first (closed ones too, by status)."""
         resp.media = {"items": [render_account(a)
-                                for a in accounts.list_accounts(req.context.user.id)]}
+                                for a in accounts.list_accounts(req.context.user.id,
+                                                                now=self.clock())]}
 
     @spec.validate(json=AccountIn,
                    resp=Response(HTTP_201=AccountOut, HTTP_401=Problem, HTTP_422=Problem),
@@ -111,10 +128,14 @@ class Accounts:
 class Account:
     """``/accounts/{account_id}``: read or rename one of my accounts."""
 
+    def __init__(self, clock):
+        self.clock = clock
+
     @spec.validate(resp=Response(HTTP_200=AccountOut, **_ERRORS), security=BEARER, tags=TAGS)
     def on_get(self, req, resp, account_id):
         """One of my accounts with its balance and available funds."""
-        resp.media = render_account(accounts.get_account(req.context.user.id, account_id))
+        resp.media = render_account(accounts.get_account(req.context.user.id, account_id,
+                                                         now=self.clock()))
 
     @spec.validate(json=AccountRename,
                    resp=Response(HTTP_200=AccountOut, HTTP_422=Problem, **_ERRORS),
@@ -153,9 +174,9 @@ class Close:
         resp.media = render_account(account)
 
 
-def mount(app):
-    """Add the /accounts routes to ``app``."""
-    app.add_route(PREFIX, Accounts())
-    app.add_route(f"{PREFIX}/{{account_id:uuid}}", Account())
+def mount(app, *, clock=utcnow):
+    """Add the /accounts routes to ``app``; ``clock`` judges which holds have expired."""
+    app.add_route(PREFIX, Accounts(clock))
+    app.add_route(f"{PREFIX}/{{account_id:uuid}}", Account(clock))
     app.add_route(f"{PREFIX}/{{account_id:uuid}}/primary", Primary())
     app.add_route(f"{PREFIX}/{{account_id:uuid}}/close", Close())

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from spectree import Response
 
-from .. import admin, users
+from .. import admin, audit, users
 from ..auth import utcnow
 from ..models import ACCOUNT_STATUSES, DIRECTIONS, USER_ROLES, USER_STATUSES
 from ..money import format_amount
@@ -158,8 +158,8 @@ def render_entry(entry):
 def render_audit(row):
     return {"id": row.id, "actor_id": row.actor_id, "action": row.action,
             "entity_type": row.entity_type, "entity_id": row.entity_id,
-            "before": None if row.before is None else json.loads(row.before),
-            "after": None if row.after is None else json.loads(row.after),
+            "before": None if row.before is None else audit.shown(json.loads(row.before)),
+            "after": None if row.after is None else audit.shown(json.loads(row.after)),
             "request_id": row.request_id, "created_at": row.created_at}
 
 

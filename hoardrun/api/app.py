@@ -18,31 +18,36 @@ import falcon
 from .. import __version__, embedded
 from ..config import load_settings
 from ..db import init_db
+from ..mail import Mailer
 from ..health import Health, utc_now
 from . import accounts as accounts_routes
 from . import admin as admin_routes
 from . import auth as auth_routes
 from . import cards as cards_routes
 from . import health as health_routes
+from . import holds as holds_routes
 from . import investments as investments_routes
 from . import media, openapi, problems
 from . import metrics as metrics_routes
-from . import money as money_routes
+from . import movements as movements_routes
 from . import prices as prices_routes
-from . import transactions as transactions_routes
+from . import history as history_routes
 from . import users as users_routes
 from .auth import Authentication
-from .middleware import RequestContext, new_request_id
+from .middleware import CORS, RequestContext, new_request_id
 
 
-def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
+def create_app(settings, *, clock=None, monotonic=None, id_factory=None, mailer=None):
     """Build the falcon WSGI app for ``settings``.
 
     ``clock`` (aware UTC datetimes), ``monotonic`` (seconds) and
-    ``id_factory`` (request ids) are parameters so tests can pin them.
-    The database must already be bound (``hoardrun.db.init_db``).
+    ``id_factory`` (request ids) are parameters so tests can pin them;
+    ``mailer`` defaults to ``Mailer.from_settings(settings)`` (SMTP, or the
+    development outbox). The database must already be bound
+    (``hoardrun.db.init_db``).
     """
     clock = clock or utc_now
+    mailer = mailer or Mailer.from_settings(settings)
     monotonic = monotonic or time.monotonic
     middleware = [RequestContext(max_body_bytes=settings.max_body_bytes,
                                  id_factory=id_factory or new_request_id,
@@ -56,30 +61,30 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None):
         # Falcon's CORS: answers preflight OPTIONS and adds the allow headers
         # for listed origins only; X-Request-ID is exposed to browser code.
         origins = "*" if "*" in settings.cors_origins else list(settings.cors_origins)
-        middleware.insert(0, falcon.CORSMiddleware(allow_origins=origins,
-                                                   expose_headers=["X-Request-ID",
-                                                                   "Retry-After"]))
+        middleware.insert(0, CORS(allow_origins=origins,
+                                  expose_headers=["X-Request-ID", "Retry-After"]))
     metrics, observer = metrics_routes.install(settings)
     if observer is not None:
         middleware.insert(0, observer)  # outermost: times and counts everything
     app = falcon.App(middleware=middleware)
     media.configure(app)
     problems.install(app)
-    _routes(app, settings, Health(settings, clock=clock, monotonic=monotonic), clock)
+    _routes(app, settings, Health(settings, clock=clock, monotonic=monotonic), clock, mailer)
     metrics_routes.mount(app, settings, metrics)
     return app
 
 
-def _routes(app, settings, health, clock):
+def _routes(app, settings, health, clock, mailer):
     health_routes.mount(app, health, settings, __version__)
     openapi.mount(app)
-    auth_routes.mount(app, settings, clock=clock)
-    users_routes.mount(app, clock=clock)
+    auth_routes.mount(app, settings, mailer=mailer, clock=clock)
+    users_routes.mount(app, settings=settings, mailer=mailer, clock=clock)
     admin_routes.mount(app, settings, clock=clock)
-    accounts_routes.mount(app)
-    money_routes.mount(app, settings)
-    transactions_routes.mount(app, settings, clock=clock)
+    accounts_routes.mount(app, clock=clock)
+    movements_routes.mount(app, settings)
+    history_routes.mount(app, settings, clock=clock)
     cards_routes.mount(app, settings)
+    holds_routes.mount(app, clock=clock)
     investments_routes.mount(app, settings)
     prices_routes.mount(app, settings)
 
@@ -92,4 +97,8 @@ def get_app(environ=None, *, settings=None):
     """
     settings = embedded.with_server(settings or load_settings(environ))
     init_db(settings)
-    return create_app(settings)
+    mailer = Mailer.from_settings(settings)
+    app = create_app(settings, mailer=mailer)
+    # Mail queued before a restart (or by a process that died) goes out now.
+    mailer.wake()
+    return app

@@ -15,7 +15,7 @@ from spectree import Response
 
 from .. import cards
 from ..money import format_amount
-from .money import IdempotencyHeaders, _idempotent
+from .idempotency import IdempotencyHeaders, idempotent
 from .openapi import BEARER, Problem, spec
 
 TAGS = ["cards"]
@@ -292,7 +292,7 @@ class Payments:
         The new entry is at ``GET /transactions/{id}``.
         """
         body = req.context.json
-        _idempotent(req, resp, lambda: render_payment(cards.pay(
+        idempotent(req, resp, lambda: render_payment(cards.pay(
             req.context.user.id, card_id, amount=body.amount, currency=body.currency,
             merchant_name=body.merchant_name, merchant_category=body.merchant_category,
             channel=body.channel, international=body.international,
@@ -312,7 +312,7 @@ class Refunds:
         (``refund-exceeds-payment``).
         """
         body = req.context.json
-        _idempotent(req, resp, lambda: render_refund(cards.refund(
+        idempotent(req, resp, lambda: render_refund(cards.refund(
             req.context.user.id, card_id, payment_id, amount=body.amount,
             request_id=req.context.request_id)), TRANSACTIONS, kind="card_refund")
 

@@ -14,7 +14,7 @@ from spectree import Response
 
 from .. import investments
 from ..money import format_amount
-from .money import IdempotencyHeaders, _idempotent
+from .idempotency import IdempotencyHeaders, idempotent
 from .openapi import BEARER, Problem, spec
 
 TAGS = ["investments"]
@@ -35,7 +35,8 @@ class HoldingOut(BaseModel):
     average_cost: str = Field(description="Average price paid per unit (8 places)")
     cost_basis: str = Field(description="What the quantity held cost in total")
     current_price: str
-    current_value: str = Field(description="quantity × current price, rounded half-to-even")
+    current_value: str = Field(description="quantity × current price, rounded down "
+                                           "(what selling it now would pay)")
     unrealised_gain: str = Field(description="current_value − cost_basis (may be negative)")
     unrealised_gain_percent: str | None = Field(
         description="unrealised_gain / cost_basis × 100, 2 places; null when cost is zero")
@@ -86,7 +87,8 @@ class OrderOut(BaseModel):
     side: Literal["buy", "sell"]
     quantity: str
     price: str
-    amount: str = Field(description="Cash moved: quantity × price rounded half-to-even")
+    amount: str = Field(description="Cash moved: quantity × price rounded in the "
+                                   "house's favour (a buy up, a sell down)")
     currency: str
     held_quantity: str = Field(description="Quantity held after the order")
     cost_basis: str = Field(description="Cost basis of the holding after the order")
@@ -183,13 +185,16 @@ class Orders:
     def on_post(self, req, resp):
         """Buy or sell a quantity at the current price from/into my investment account.
 
-        The cash (quantity × price, rounded half-to-even to the minor unit)
-        and the holding change land in one transaction. Selling more than I
+        The cash (quantity × price to the minor unit, rounded in the house's
+        favour: a buy up, a sell down, so no round trip of orders makes money
+        from rounding) and the holding change land in one transaction. Cash
+        above the largest amount (10^15 minor units) is ``invalid-amount``; a
+        sell worth less than one minor unit is ``order-too-small``. Selling more than I
         hold is ``insufficient-holding``; a non-investment account is
         ``not-investment-account``; short cash is ``insufficient-funds``.
         """
         body = req.context.json
-        _idempotent(req, resp, lambda: render_order(investments.place_order(
+        idempotent(req, resp, lambda: render_order(investments.place_order(
             req.context.user.id, body.account_id, body.symbol, body.side, body.quantity,
             request_id=req.context.request_id)), TRANSACTIONS, kind="trade")
 

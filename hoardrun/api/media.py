@@ -2,8 +2,9 @@
 
 Money never passes through a float: numbers with a fraction or exponent
 are parsed as ``Decimal`` (the money parser then refuses what it must), and
-``NaN``/``Infinity`` and absurdly deep nesting are refused as malformed
-JSON (400). Out, ``Decimal`` is written as a string so a client's float
+``NaN``/``Infinity``, a key given twice in one object and absurdly deep
+nesting are refused as malformed JSON (400). A body must say it is JSON:
+one without ``Content-Type`` is refused (415, ``RequestContext``). Out, ``Decimal`` is written as a string so a client's float
 parser cannot round it, UUIDs as strings and datetimes as UTC ISO 8601
 with ``Z``.
 """
@@ -24,6 +25,19 @@ def _refuse_constant(name):
     # json.loads calls this for NaN, Infinity and -Infinity; a ValueError is
     # turned into falcon's MediaMalformedError (400) by the handler.
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs):
+    # json.loads would keep the LAST of two equal keys, so
+    # {"amount":"1.00","amount":"900.00"} would deposit 900.00 while a proxy,
+    # a log or a signature check upstream may have read 1.00: refuse it.
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            shown = key if len(key) <= 40 and key.isprintable() else "a key"
+            raise ValueError(f"{shown!r} appears twice in one JSON object")
+        obj[key] = value
+    return obj
 
 
 def iso_utc(value):
@@ -52,7 +66,8 @@ def _default(value):
 def loads(text):
     """JSON text to Python, numbers with a fraction or exponent as ``Decimal``."""
     try:
-        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant,
+                          object_pairs_hook=_unique_keys)
     except RecursionError:
         # A body nested deeper than the interpreter's recursion limit (e.g.
         # 10,000 ``[``) is hostile, not a server fault: a ValueError makes it
@@ -80,6 +95,7 @@ def configure(app):
     app.req_options.media_handlers = falcon.media.Handlers({JSON: handler})
     app.resp_options.media_handlers = falcon.media.Handlers({JSON: handler,
                                                              PROBLEM_JSON: handler})
-    # NOTE: a body without Content-Type is read as JSON (falcon's default
-    # media type), which is what curl -d users and most clients expect.
+    # An EMPTY request without Content-Type still parses as JSON (nothing),
+    # so bodiless POSTs work; a body without one is refused with 415 by
+    # RequestContext before anyone reads it.
     app.req_options.default_media_type = JSON

@@ -6,11 +6,15 @@
   ``[A-Za-z0-9._-]``), otherwise makes one (uuid4 hex); it is
   ``req.context.request_id``, echoed in the response and in the log line;
 * refuses a body larger than ``settings.max_body_bytes`` with 413 from its
-  declared length, before anyone reads it;
+  declared length, and a body without ``Content-Type`` with 415, before
+  anyone reads it (guessing JSON for an unlabelled body lets a form or a
+  text body of a cross-site request be read as a money movement);
 * after the response (also on errors): hands this thread's database
   connection back to the pool if the request used one, and logs one line
   (method, path, status, duration, request id; never the query string,
-  body or headers, which may hold tokens or passwords).
+  body or headers, which may hold tokens or passwords). The path is the
+  client's text, decoded: it is logged escaped (``log_safe``), so a
+  ``%0d%0a`` cannot forge a second log line nor ``%1b`` a terminal escape.
 
 It never opens a connection or a transaction: peewee connects lazily on
 first use, so routes that never touch the database (liveness, docs) never
@@ -31,6 +35,18 @@ access_log = logging.getLogger("hoardrun.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def log_safe(text):
+    """``text`` with every non-printable character escaped (``\\r``, ``\\x1b``, ``\\u202e``).
+
+    A backslash is escaped too, so an escaped line cannot be mistaken for
+    one that held the escape sequence literally.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode()
+                   for c in text)
 
 
 def new_request_id():
@@ -65,6 +81,11 @@ class RequestContext:
             raise falcon.HTTPContentTooLarge(
                 description=f"The request body is {length} bytes; the limit is "
                             f"{self.max_body_bytes} bytes.")
+        has_body = bool(length) or req.get_header("Transfer-Encoding") is not None
+        if has_body and not req.content_type:
+            raise falcon.HTTPUnsupportedMediaType(
+                description="The request has a body but no Content-Type: send it as "
+                            "application/json.")
 
     def process_response(self, req, resp, resource, req_succeeded):
         try:
@@ -76,8 +97,26 @@ class RequestContext:
             started = getattr(req.context, "started", None)
             duration_ms = (self.timer() - started) * 1000 if started is not None else 0.0
             status = resp.status_code
+            path = log_safe(req.path)
             access_log.info(
-                "%s %s %s %.1fms request_id=%s", req.method, req.path, status, duration_ms,
+                "%s %s %s %.1fms request_id=%s", req.method, path, status, duration_ms,
                 request_id,
-                extra={"method": req.method, "path": req.path, "status": status,
+                extra={"method": req.method, "path": path, "status": status,
                        "duration_ms": round(duration_ms, 3), "request_id": request_id})
+
+
+class CORS(falcon.CORSMiddleware):
+    """falcon's CORS middleware, plus ``Vary: Origin`` on every answer.
+
+    The allow headers depend on the request's ``Origin`` (and a preflight's
+    on what it asks for), so a shared cache must key on them: without
+    ``Vary`` a proxy could hand one origin's answer, or a no-CORS answer,
+    to another origin's browser.
+    """
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        super().process_response(req, resp, resource, req_succeeded)
+        resp.append_header("Vary", "Origin")
+        if req.method == "OPTIONS":
+            resp.append_header("Vary", "Access-Control-Request-Method, "
+                                       "Access-Control-Request-Headers")

@@ -6,6 +6,7 @@ and, for validation, ``errors: [{field, detail}]``.
 
 * Domain errors (``hoardrun.errors.HoardRunError``) map by their own
   ``status``/``code``/``title``: adding a domain error needs no code here.
+  A refused batch adds ``legs: [{index, type, detail}]``, one per failing leg.
   A 401 carries ``WWW-Authenticate: Bearer``; an error raised with
   ``retry_after=<seconds>`` (e.g. a login lockout) carries ``Retry-After``.
 * ``hoardrun.db.UNAVAILABLE_ERRORS`` become 503 with ``Retry-After``.
@@ -55,10 +56,13 @@ _HTTP_CODES = {
 class Problem(falcon.HTTPError):
     """An HTTPError that knows its problem code and validation errors."""
 
-    def __init__(self, status, code, title, detail=None, *, errors=None, headers=None):
+    def __init__(self, status, code, title, detail=None, *, errors=None, headers=None,
+                 extensions=None):
         super().__init__(status, title=title, description=detail, headers=headers)
         self.code = code
         self.errors = errors
+        # RFC 9457 extension members, e.g. ``legs`` of a refused batch.
+        self.extensions = extensions
 
 
 def problem_type(code):
@@ -94,6 +98,7 @@ def serialize(req, resp, error):
     field_errors = getattr(error, "errors", None)
     if field_errors:
         body["errors"] = field_errors
+    body.update(getattr(error, "extensions", None) or {})
     request_id = getattr(req.context, "request_id", None)
     if request_id:
         body["request_id"] = request_id
@@ -122,7 +127,13 @@ def handle_domain_error(req, resp, ex, params):
     field_errors = ex.extra.get("errors")
     if field_errors is None and ex.field:
         field_errors = [{"field": ex.field, "detail": ex.detail}]
-    raise Problem(ex.status, ex.code, ex.title, detail, errors=field_errors, headers=headers)
+    extensions = None
+    legs = ex.extra.get("legs")
+    if legs is not None:
+        # Each refused leg of a batch, typed like a problem of its own.
+        extensions = {"legs": [dict(leg, type=problem_type(leg["type"])) for leg in legs]}
+    raise Problem(ex.status, ex.code, ex.title, detail, errors=field_errors, headers=headers,
+                  extensions=extensions)
 
 
 def handle_unavailable(req, resp, ex, params):

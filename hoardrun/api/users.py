@@ -12,7 +12,7 @@ import falcon
 from pydantic import BaseModel, ConfigDict, Field
 from spectree import Response
 
-from .. import users
+from .. import errors, users, verification
 from ..auth import utcnow
 from ..models import USER_ROLES, USER_STATUSES
 from .openapi import BEARER, Problem, spec
@@ -33,6 +33,8 @@ class UserOut(BaseModel):
     role: Literal[USER_ROLES]
     status: Literal[USER_STATUSES]
     email_verified: bool
+    pending_email: str | None = Field(description="A new address waiting for its code; "
+                                      "``email`` stays until it is verified")
     phone_verified: bool
     kyc_verified: bool
     last_login_at: datetime | None
@@ -46,9 +48,15 @@ def render_user(user):
 
 
 class ProfilePatch(BaseModel):
-    """Fields to change; omitted fields stay. Email cannot be changed here."""
+    """Fields to change; omitted fields stay.
+
+    A new ``email`` becomes ``pending_email`` and gets a code; it replaces
+    ``email`` only once verified (``/auth/verify-email``).
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    email: str | None = Field(default=None, max_length=254)
 
     first_name: str | None = Field(default=None, min_length=1, max_length=100)
     last_name: str | None = Field(default=None, min_length=1, max_length=100)
@@ -67,7 +75,9 @@ class PasswordChangeIn(BaseModel):
 class Me:
     """``GET``/``PATCH /api/v1/users/me``."""
 
-    def __init__(self, *, clock=utcnow):
+    def __init__(self, *, settings=None, mailer=None, clock=utcnow):
+        self.settings = settings
+        self.mailer = mailer
         self.clock = clock
 
     @spec.validate(resp=Response(HTTP_200=UserOut, HTTP_401=Problem), security=BEARER,
@@ -77,14 +87,23 @@ class Me:
         resp.media = render_user(users.get_user(req.context.user.id))
 
     @spec.validate(json=ProfilePatch, resp=Response(HTTP_200=UserOut, HTTP_401=Problem,
-                                                    HTTP_422=Problem),
+                                                    HTTP_409=Problem, HTTP_422=Problem,
+                                                    HTTP_429=Problem),
                    security=BEARER, tags=TAGS)
     def on_patch(self, req, resp):
-        """Change names, phone or country."""
+        """Change names, phone or country, or ask to change the email address.
+
+        A new email is only pending (``pending_email``) until the code mailed
+        to it is entered at ``/auth/verify-email``; payments keep going to the
+        current address until then. 409 if another user has it.
+        """
         body = req.context.json
         changes = {name: getattr(body, name) for name in body.model_fields_set}
-        user = users.update_profile(req.context.user.id, changes,
-                                    request_id=req.context.request_id, now=self.clock())
+        if "email" in changes and changes["email"] is None:
+            raise errors.ValidationError("email cannot be null", field="email")
+        user = verification.update_me(req.context.user.id, changes, settings=self.settings,
+                                      mailer=self.mailer, request_id=req.context.request_id,
+                                      now=self.clock())
         resp.media = render_user(user)
 
 
@@ -111,7 +130,7 @@ class Password:
         resp.status = falcon.HTTP_204
 
 
-def mount(app, *, clock=utcnow):
+def mount(app, *, settings, mailer, clock=utcnow):
     """Add the /users/me routes to ``app``."""
-    app.add_route(f"{API_PREFIX}/users/me", Me(clock=clock))
+    app.add_route(f"{API_PREFIX}/users/me", Me(settings=settings, mailer=mailer, clock=clock))
     app.add_route(f"{API_PREFIX}/users/me/password", Password(clock=clock))

@@ -6,11 +6,17 @@
 """
 
 import functools
+import os
+import shutil
+import tempfile
 import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from falcon import testing
 
+from hoardrun import embedded
 from hoardrun.api import create_app
 from hoardrun.api import serve as serving
 
@@ -64,3 +70,51 @@ def make_user(client):
     import helpers
 
     return functools.partial(helpers.make_user, client)
+
+
+@pytest.fixture
+def jane(make_user):
+    """An ordinary user, Jane Doe."""
+    return make_user(first_name="Jane", last_name="Doe")
+
+
+@pytest.fixture
+def admin(make_user):
+    """A user with the admin role."""
+    return make_user(role="admin")
+
+
+@pytest.fixture
+def prices(database):
+    """The default sandbox price list (AAPL, MSFT, VTI, BTC in USD)."""
+    from hoardrun import investments
+
+    return investments.load_default_prices()
+
+
+class Clock:
+    """A clock the test moves by hand (pass it as ``create_app(clock=...)``)."""
+
+    def __init__(self):
+        self.now = datetime.now(timezone.utc)
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, **delta):
+        self.now += timedelta(**delta)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def embedded_dir():
+    """A folder for an embedded server of this test's own; stopped and removed after."""
+    base = Path(tempfile.mkdtemp(prefix="hoardrun-embedded-"))
+    os.chmod(base, 0o755)  # the server account must reach it when we are root
+    yield base
+    embedded.EmbeddedServer(base).stop("immediate")
+    shutil.rmtree(base, ignore_errors=True)

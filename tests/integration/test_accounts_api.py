@@ -14,11 +14,6 @@ from hoardrun.security import is_luhn_valid
 
 
 @pytest.fixture
-def jane(make_user):
-    return make_user()
-
-
-@pytest.fixture
 def john(make_user):
     return make_user()
 

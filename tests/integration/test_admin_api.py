@@ -14,11 +14,6 @@ ADMIN = f"{API}/admin"
 PROBLEM = "https://hoardrun.dev/problems/"
 
 
-@pytest.fixture
-def admin(make_user):
-    return make_user(role="admin")
-
-
 def post(client, path, who, body=None, **headers):
     return client.simulate_post(ADMIN + path, headers={**who.headers, **headers},
                                 json={} if body is None else body)

@@ -1,7 +1,9 @@
 """/api/v1/auth as a client sees it: register, login, lockout, logout, bearer tokens."""
 
 import hashlib
+import http.client
 import json
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -13,26 +15,9 @@ from hoardrun.api import create_app
 from hoardrun.config import load_settings
 from hoardrun.db import db
 from hoardrun.models import AuditLog, User
+from tests.integration.conftest import LiveServer
 
 PROBLEM = "https://hoardrun.dev/problems/"
-
-
-class Clock:
-    """A clock the test moves by hand (the app and the auth middleware read it)."""
-
-    def __init__(self):
-        self.now = datetime.now(timezone.utc)
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, **delta):
-        self.now += timedelta(**delta)
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest.fixture
@@ -197,6 +182,73 @@ def test_an_unknown_email_is_locked_like_a_known_one(client):
     assert answers == [401] * 5 + [429]
 
 
+BURST = 25
+
+
+def login_burst(server, email, passwords):
+    """POST every password for ``email`` at once from its own connection; return the statuses."""
+    barrier = threading.Barrier(len(passwords))
+    statuses = [None] * len(passwords)
+
+    def attempt(i):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        try:
+            body = json.dumps({"email": email, "password": passwords[i]})
+            barrier.wait()
+            conn.request("POST", f"{API}/auth/login", body=body,
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            statuses[i] = response.status
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(len(passwords))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+@pytest.fixture
+def wide_server(app, settings):
+    """A real waitress server with a thread per concurrent login (so they really race)."""
+    with LiveServer(app, settings, threads=BURST) as server:
+        yield server
+
+
+@pytest.mark.parametrize("who", ["registered", "unknown"])
+def test_a_burst_of_concurrent_wrong_passwords_gets_at_most_five_verdicts(client, wide_server,
+                                                                          who):
+    email = unique_email("burst")
+    if who == "registered":
+        assert register(client, email).status_code == 201
+
+    statuses = login_burst(wide_server, email, ["Wrong-Password-1"] * BURST)
+
+    assert statuses.count(401) <= 5, statuses
+    assert statuses.count(401) + statuses.count(429) == BURST, statuses
+    assert login(client, email).status_code == 429  # and the email is locked now
+
+
+def test_the_right_password_inside_a_burst_counts_as_one_of_the_five(client, wide_server):
+    """It is let through only within the first five attempts; otherwise the lock holds."""
+    email = unique_email("burst")
+    assert register(client, email).status_code == 201
+    passwords = ["Wrong-Password-1"] * (BURST - 1) + [PASSWORD]
+
+    statuses = login_burst(wide_server, email, passwords)
+
+    verdicts = [s for s in statuses if s in (200, 401)]
+    assert len(verdicts) <= 5, statuses
+    assert set(statuses) <= {200, 401, 429}, statuses
+    if statuses[-1] == 429:
+        # The right password came too late: it neither logged in nor cleared the count.
+        assert login(client, email).status_code == 429
+        assert User.get(User.email == email).failed_logins == 5
+
+
 def test_a_suspended_user_cannot_log_in_and_their_token_stops_working(client, make_user):
     jane = make_user(via_api=True)
     admin = make_user(role="admin")
@@ -274,10 +326,11 @@ def test_missing_or_bad_credentials_are_401_with_www_authenticate(client, header
     assert result.json["request_id"] == result.headers["X-Request-ID"]
 
 
-def test_every_api_route_but_register_and_login_needs_a_token(client):
+def test_every_api_route_but_register_login_and_password_reset_needs_a_token(client):
     """Walk the OpenAPI document: each /api/v1 operation without a token is a 401."""
     document = client.simulate_get("/api/openapi.json").json
-    public = {("post", f"{API}/auth/register"), ("post", f"{API}/auth/login")}
+    public = {("post", f"{API}/auth/register"), ("post", f"{API}/auth/login"),
+              ("post", f"{API}/auth/forgot-password"), ("post", f"{API}/auth/reset-password")}
     checked = 0
     for path, operations in document["paths"].items():
         if not path.startswith(API + "/"):

@@ -198,7 +198,9 @@ def test_a_non_empty_target_is_refused_without_force_and_always_in_production(
     with bound(target) as target_settings:
         with pytest.raises(BackupError, match="is not empty.*--force"):
             backup.restore(target_settings, made.path)
-    prod = dict(HOARDRUN_ENV="production", HOARDRUN_METRICS="false")
+    prod = dict(HOARDRUN_ENV="production", HOARDRUN_METRICS="false",
+                HOARDRUN_SMTP_URL="smtp://127.0.0.1:2525",
+                HOARDRUN_MAIL_FROM="no-reply@hoardrun.test")
     with bound(target, **prod) as target_settings:
         with pytest.raises(BackupError, match="production never restores over data"):
             backup.restore(target_settings, made.path, force=True)

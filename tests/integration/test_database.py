@@ -127,11 +127,30 @@ def _audit(w):
             "entity_id": w.a1}
 
 
+def _email_code(w):
+    return {"id": new_id(), "user_id": w.alice, "purpose": "verify_email",
+            "email": "ann@example.com", "code_hash": uuid.uuid4().hex * 2,
+            "expires_at": "2100-01-01 00:00:00"}
+
+
+def _hold(w):
+    return {"id": new_id(), "user_id": w.alice, "card_id": w.add("cards"), "account_id": w.a1,
+            "amount": 2500, "currency": "USD", "merchant_name": "Hotel",
+            "merchant_category": "7011", "channel": "chip", "created_at": WHEN,
+            "expires_at": "2024-05-13 07:08:09"}
+
+
+def _mail(w):
+    return {"id": new_id(), "recipient": "ann@example.com", "subject": "Your code",
+            "body": "opaque"}
+
+
 VALID = {
     "users": _user, "accounts": _account, "cards": _card, "transfers": _transfer,
     "p2p_transactions": _p2p, "transactions": _entry, "investments": _investment,
     "instrument_prices": _price, "auth_tokens": _token, "idempotency_keys": _idempotency,
-    "audit_log": _audit,
+    "audit_log": _audit, "email_codes": _email_code, "mail_outbox": _mail,
+    "card_holds": _hold,
 }
 #: The key column of each table (a natural key where a table has one).
 KEYS = {m._meta.table_name: m._meta.primary_key.column_name for m in models.MODELS}
@@ -187,6 +206,35 @@ ALICE = lambda w, r: w.alice  # noqa: E731
 SELF = lambda w, r: r["id"]  # noqa: E731
 
 CHECK_CASES = [
+    # card holds (migration 008)
+    bad("card_holds", "card_holds_amount_positive", amount=0),
+    bad("card_holds", "card_holds_captured", status="captured", resolved_at=WHEN),
+    bad("card_holds", "card_holds_captured", captured_amount=100),
+    bad("card_holds", "card_holds_captured", status="captured", resolved_at=WHEN,
+        captured_amount=2501, capture_movement_id=lambda w, r: new_id()),
+    bad("card_holds", "card_holds_channel", channel="atm"),
+    bad("card_holds", "card_holds_currency_iso", currency="XXX"),
+    bad("card_holds", "card_holds_expiry", expires_at="2024-06-30 00:00:00"),
+    bad("card_holds", "card_holds_expiry", expires_at=WHEN),
+    bad("card_holds", "card_holds_resolved", resolved_at=WHEN),
+    bad("card_holds", "card_holds_resolved", status="voided"),
+    bad("card_holds", "card_holds_status", status="pending", resolved_at=WHEN),
+    # email ownership (migration 007)
+    bad("users", "users_pending_email", pending_email="nobody"),
+    bad("users", "users_pending_email", pending_email=lambda w, r: r["email"]),
+    bad("email_codes", "email_codes_attempts", attempts=-1),
+    bad("email_codes", "email_codes_expiry", expires_at="2000-01-01 00:00:00"),
+    bad("email_codes", "email_codes_hash_hex", code_hash="abc123"),
+    bad("email_codes", "email_codes_purpose", purpose="login"),
+    bad("mail_outbox", "mail_outbox_attempts", attempts=-1),
+    bad("mail_outbox", "mail_outbox_sent_at", status="sent"),
+    bad("mail_outbox", "mail_outbox_sent_at", sent_at=WHEN),
+    bad("mail_outbox", "mail_outbox_status", status="lost"),
+    # reversed movements and trade entries (migration 004)
+    bad("transfers", "transfers_reversal", status="reversed"),
+    bad("p2p_transactions", "p2p_reversal", status="reversed"),
+    bad("transactions", "transactions_trade", quantity="1"),
+    bad("transactions", "transactions_trade", type="investment_buy", direction="outbound"),
     # users
     bad("users", "users_email_lower", email="Ann@Example.com"),
     bad("users", "users_email_lower", email="ann.example.com"),

@@ -244,7 +244,6 @@ def _copy_project(target):
     return target
 
 
-
 def _add_nickname(project):
     models = project / "hoardrun" / "models.py"
     source = models.read_text(encoding="utf-8")
@@ -403,7 +402,8 @@ def test_reset_asks_on_a_terminal_and_only_yes_proceeds(in_process, task_env, da
 
 
 def test_production_refuses_reset_and_sample(task_env, database_url, tmp_path):
-    env = dict(task_env, HOARDRUN_ENV="production")
+    env = dict(task_env, HOARDRUN_ENV="production", HOARDRUN_SMTP_URL="smtp://127.0.0.1:2525",
+               HOARDRUN_MAIL_FROM="no-reply@example.com")
     add_user(database_url, "keep@example.com")
 
     reset = run_task(env, "db.reset", "--yes", cwd=tmp_path)

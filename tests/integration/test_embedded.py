@@ -8,11 +8,8 @@ wheel (``hoardrun.embedded``).
 """
 
 import os
-import shutil
 import signal
-import tempfile
 import uuid
-from pathlib import Path
 
 import psycopg2
 import pytest
@@ -24,13 +21,8 @@ from tests.integration.test_database_init import URL_PASSWORD, plain_env, run_ta
 
 
 @pytest.fixture
-def base_dir():
-    """A data folder for an embedded server of this test's own; stopped and removed after."""
-    base = Path(tempfile.mkdtemp(prefix="hoardrun-embedded-"))
-    os.chmod(base, 0o755)  # the server account must reach it when we are root
-    yield base
-    embedded.EmbeddedServer(base).stop("immediate")
-    shutil.rmtree(base, ignore_errors=True)
+def base_dir(embedded_dir):
+    return embedded_dir
 
 
 @pytest.fixture

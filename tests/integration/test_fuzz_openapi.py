@@ -86,6 +86,9 @@ class World:
         card_payment = post(f"/cards/{card['id']}/payments", {
             "merchant_name": "Corner Shop", "merchant_category": "5411", "amount": "20.00",
             "currency": "USD", "channel": "chip"})
+        authorization = post(f"/cards/{card['id']}/authorizations", {
+            "merchant_name": "Grand Hotel", "merchant_category": "7011", "amount": "1.00",
+            "currency": "USD", "channel": "chip"})
         holding = post("/investments/orders", {"account_id": brokerage["id"], "symbol": "AAPL",
                                                "side": "buy", "quantity": "2"})
         # Path parameters by name; {payment_id} means a P2P payment under
@@ -94,6 +97,7 @@ class World:
             "account_id": usd["id"], "transfer_id": transfer["id"], "payment_id": payment["id"],
             "transaction_id": transfer_entry(client, self.user, usd["id"]),
             "card_id": card["id"], "holding_id": holding["holding_id"], "symbol": "AAPL",
+            "authorization_id": authorization["id"],
         }
         self.card_ids = {**self.ids, "payment_id": card_payment["id"]}
         self.admin_ids = {"user_id": str(self.victim.id), "account_id": victim_usd["id"],

@@ -1,5 +1,6 @@
 """The HTTP platform as a client sees it: problems, request ids, JSON, CORS, OpenAPI."""
 
+import http.client
 import json
 import re
 import threading
@@ -323,6 +324,43 @@ def test_one_access_line_per_request_without_secrets(client, caplog):
     assert "SECRET" not in caplog.text
 
 
+@pytest.mark.parametrize("raw_path", [
+    "/api/v1/x%0d%0aGET%20/api/v1/admin/users%20200%200.1ms%20request_id=forged",
+    "/api/v1/x%0aGET%20/api/v1/admin%20200",
+    "/api/v1/%1b[2J%1b[31mred%07",
+    "/api/v1/%e2%80%aeevil",
+])
+def test_a_path_cannot_forge_access_log_lines_or_terminal_escapes(live_server, caplog, raw_path):
+    """Send the encoded path over a real socket: the access line holds it escaped, one line."""
+    caplog.set_level("INFO", logger="hoardrun.access")
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
+    try:
+        conn.request("GET", raw_path)
+        response = conn.getresponse()
+        response.read()
+    finally:
+        conn.close()
+    assert response.status == 404
+    (record,) = [r for r in caplog.records if r.name == "hoardrun.access"]
+    message = record.getMessage()
+    for bad in ("\r", "\n", "\x1b", "\x07", "\u202e"):
+        assert bad not in message and bad not in record.path, (bad, message)
+    assert "\\x" in message or "\\u" in message or "\\r" in message or "\\n" in message
+
+
+def test_a_backslash_in_a_path_is_escaped_too(live_server, caplog):
+    """A literal ``\\n`` typed in the path must not look like an escaped newline."""
+    caplog.set_level("INFO", logger="hoardrun.access")
+    conn = http.client.HTTPConnection(live_server.host, live_server.port, timeout=10)
+    try:
+        conn.request("GET", "/api/v1/a%5Cnb")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+    (record,) = [r for r in caplog.records if r.name == "hoardrun.access"]
+    assert record.path == "/api/v1/a\\\\nb"
+
+
 def test_errors_are_logged_with_their_status(client, caplog):
     caplog.set_level("INFO", logger="hoardrun.access")
     client.simulate_post("/api/health")
@@ -397,6 +435,24 @@ def test_cors_ignores_other_origins(cors_client):
                                     headers={"Origin": "https://evil.example"})
     assert resp.status_code == 200
     assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+@pytest.mark.parametrize("origin", [ORIGIN, "https://evil.example", None])
+def test_cors_answers_vary_on_origin(cors_client, origin):
+    """Shared caches must not hand one origin's CORS answer (or none) to another."""
+    headers = {"Origin": origin} if origin else {}
+    for resp in (cors_client.simulate_get("/api/health/liveness", headers=headers),
+                 cors_client.simulate_get("/api/v1/users/me", headers=headers)):
+        assert "origin" in [v.strip().lower() for v in resp.headers.get("Vary", "").split(",")]
+
+
+def test_a_cors_preflight_varies_on_what_it_asks_for(cors_client):
+    resp = cors_client.simulate_options("/api/v1/transfers", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "Authorization, Content-Type"})
+    vary = {v.strip().lower() for v in resp.headers["Vary"].split(",")}
+    assert {"origin", "access-control-request-method",
+            "access-control-request-headers"} <= vary
 
 
 def test_without_configured_origins_no_cors_headers(client):

@@ -19,11 +19,6 @@ from hoardrun.models import IdempotencyKey, Transaction
 
 
 @pytest.fixture
-def jane(make_user):
-    return make_user()
-
-
-@pytest.fixture
 def funded(client, jane):
     """Jane's two USD accounts, the first holding 100.00."""
     a = open_account(client, jane)

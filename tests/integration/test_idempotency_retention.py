@@ -23,11 +23,6 @@ DAY = 24 * 3600
 
 
 @pytest.fixture
-def jane(make_user):
-    return make_user()
-
-
-@pytest.fixture
 def account(client, jane):
     return open_account(client, jane)
 

@@ -11,13 +11,8 @@ from money_helpers import (
     problem, random_id, transfer, withdraw,
 )
 
-from hoardrun import ledger
+from hoardrun import ledger, movements
 from hoardrun.models import Account, P2PTransaction, Transaction, Transfer, User
-
-
-@pytest.fixture
-def jane(make_user):
-    return make_user(first_name="Jane", last_name="Doe")
 
 
 @pytest.fixture
@@ -269,14 +264,15 @@ def test_each_p2p_refusal_has_its_own_type_and_moves_nothing(client, jane, john,
     open_account(client, suspended_user)
     User.update(status="suspended").where(User.id == suspended_user.id).execute()
     cases = [
-        ({"recipient_email": john.email, "amount": "1.00"}, 422, "currency-mismatch"),
+        # A recipient who cannot be paid looks like one who does not exist (see below).
+        ({"recipient_email": john.email, "amount": "1.00"}, 404, "not-found"),
         ({"recipient_email": jane.email, "amount": "1.00"}, 422, "same-account"),
         ({"recipient_user_id": str(jane.id), "amount": "1.00"}, 422, "same-account"),
         ({"recipient_email": "nobody@example.com", "amount": "1.00"}, 404, "not-found"),
         ({"recipient_user_id": random_id(), "amount": "1.00"}, 404, "not-found"),
         ({"recipient_email": homeless.email, "amount": "1.00"}, 404, "not-found"),
         ({"recipient_email": suspended_user.email, "amount": "1.00"}, 404, "not-found"),
-        ({"recipient_email": frozen_user.email, "amount": "1.00"}, 422, "account-not-active"),
+        ({"recipient_email": frozen_user.email, "amount": "1.00"}, 404, "not-found"),
         ({"recipient_email": john.email, "recipient_user_id": str(john.id), "amount": "1.00"},
          422, "validation-error"),
         ({"amount": "1.00"}, 422, "validation-error"),
@@ -296,6 +292,68 @@ def test_each_p2p_refusal_has_its_own_type_and_moves_nothing(client, jane, john,
                                               "from_account_id": theirs["id"]}), 404,
             "not-found")
     assert books()[:3] == before[:3]
+
+
+def test_every_recipient_who_cannot_be_paid_gets_one_identical_answer(client, jane, john,
+                                                                       make_user):
+    """Registered or not, a stranger learns nothing from why a payment was refused."""
+    mine = open_account(client, jane)
+    deposit(client, jane, mine["id"], "10.00")
+    homeless = make_user()  # registered, no account at all
+    closed_user = make_user()
+    closed = open_account(client, closed_user)
+    ok(client.simulate_post(f"{API}/accounts/{closed['id']}/close", headers=closed_user.headers),
+       200)
+    frozen_user = make_user()
+    frozen = open_account(client, frozen_user)
+    Account.update(status="suspended").where(Account.id == frozen["id"]).execute()
+    euro_user = make_user()
+    open_account(client, euro_user, currency="EUR")
+    suspended_user = make_user()
+    open_account(client, suspended_user)
+    User.update(status="suspended").where(User.id == suspended_user.id).execute()
+    recipients = [
+        {"recipient_email": "nobody-at-all@example.com"},
+        {"recipient": "nobody-at-all@example.com"},
+        {"recipient_user_id": random_id()},
+        {"recipient": "not-even-an-id"},
+        {"recipient_email": homeless.email},
+        {"recipient": str(homeless.id)},
+        {"recipient_email": closed_user.email},
+        {"recipient_email": frozen_user.email},
+        {"recipient_email": euro_user.email},
+        {"recipient_email": suspended_user.email},
+    ]
+    before = books()
+    answers = []
+    for recipient in recipients:
+        resp = post_money(client, jane, "/p2p", {**recipient, "amount": "1.00"})
+        body = problem(resp, 404, "not-found")
+        answers.append((resp.status_code, resp.headers["Content-Type"],
+                        {k: v for k, v in body.items() if k != "request_id"}))
+    assert all(answer == answers[0] for answer in answers), answers
+    assert books() == before
+
+
+def test_a_recipient_frozen_after_the_lookup_gets_the_same_answer(client, jane, make_user,
+                                                                  monkeypatch):
+    """The ledger's own refusal names the recipient's account: it must not reach the sender."""
+    mine = open_account(client, jane)
+    deposit(client, jane, mine["id"], "10.00")
+    friend = make_user()
+    theirs = open_account(client, friend)
+    looked_up = movements.find_recipient
+
+    def then_frozen(*args, **kwargs):
+        found = looked_up(*args, **kwargs)
+        Account.update(status="suspended").where(Account.id == theirs["id"]).execute()
+        return found
+
+    monkeypatch.setattr(movements, "find_recipient", then_frozen)
+    body = problem(post_money(client, jane, "/p2p", {"recipient_email": friend.email,
+                                                     "amount": "1.00"}), 404, "not-found")
+    assert body["detail"] == movements.RECIPIENT_NOT_FOUND
+    assert theirs["id"] not in json.dumps(body)
 
 
 def test_p2p_without_a_primary_account_of_my_own_needs_a_source(client, jane, john):

@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -187,7 +185,9 @@ def test_development_start_applies_pending_migrations(empty_url):
 
 
 def test_production_start_reports_pending_migrations_without_applying(empty_url, caplog):
-    settings = load_settings(base_environ(empty_url, HOARDRUN_ENV="production"))
+    settings = load_settings(base_environ(empty_url, HOARDRUN_ENV="production",
+                                          HOARDRUN_SMTP_URL="smtp://127.0.0.1:2525",
+                                          HOARDRUN_MAIL_FROM="no-reply@example.com"))
     database = dbm.init_db(settings)
     caplog.set_level("INFO", logger="hoardrun.serve")
     try:
@@ -203,16 +203,6 @@ def test_production_start_reports_pending_migrations_without_applying(empty_url,
 
 
 # -- the whole thing, as an operator runs it ------------------------------------------
-
-@pytest.fixture
-def embedded_dir():
-    """A base directory for an embedded server of this test's own; stopped and removed after."""
-    base = Path(tempfile.mkdtemp(prefix="hoardrun-serve-"))
-    os.chmod(base, 0o755)  # the server account must reach it when we are root
-    yield base
-    embedded.EmbeddedServer(base).stop("immediate")
-    shutil.rmtree(base, ignore_errors=True)
-
 
 def free_port():
     with socket.socket() as sock:

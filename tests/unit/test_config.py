@@ -1,14 +1,16 @@
 """Settings: the documented defaults, one clear line for a bad value, no leaked secrets."""
 
+import base64
 import json
 import os
+import secrets
 
 import pytest
 
-from hoardrun.config import SSL_MODES, ConfigError, load_settings, mask_url
+from hoardrun.config import SSL_MODES, ConfigError, load_settings, mask_url, new_card_key
 
-SECRET = "s" * 40
-CARD_KEY = "dGVzdC1jYXJkLWtleS0wMDAwMDAwMDAwMDAwMDAwMDA="
+SECRET = "UIWw60H8pcM-IhxE0Fb75frv3JmKEU5Y5zlq6qjdFE4cb-SlqW7ABniplhkf0dJh"
+CARD_KEY = "0swUJ_PuTEg1h60kK4KGkBQ2u3iq1nkkZyxSEnerZp4="
 PG = "postgresql://hoard:Sup3rS3cret@db.internal:5432/hoardrun"
 
 
@@ -21,7 +23,9 @@ def env(tmp_path):
 @pytest.fixture
 def prod():
     return {"HOARDRUN_ENV": "production", "DATABASE_URL": PG,
-            "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY}
+            "HOARDRUN_SECRET_KEY": SECRET, "HOARDRUN_CARD_ENCRYPTION_KEYS": CARD_KEY,
+            "HOARDRUN_SMTP_URL": "smtp://mailer:M4ilS3cret@smtp.internal:587",
+            "HOARDRUN_MAIL_FROM": "HoardRun <no-reply@example.com>"}
 
 
 def test_defaults_match_the_design(env):
@@ -127,6 +131,15 @@ BAD = [
     ("HOARDRUN_IDEMPOTENCY_TTL", "3600", ["integer >= 86400"]),
     ("HOARDRUN_IDEMPOTENCY_TTL", "7d", ["integer >= 86400"]),
     ("HOARDRUN_METRICS", "sometimes", ["true", "false"]),
+    ("HOARDRUN_SMTP_URL", "mail.example.com:587", ["smtp://", "STARTTLS", "smtps://"]),
+    ("HOARDRUN_SMTP_URL", "http://mail.example.com", ["smtp://", "smtps://"]),
+    ("HOARDRUN_SMTP_URL", "smtp://:587", ["smtp://"]),
+    ("HOARDRUN_SMTP_URL", "smtp://mail.example.com:99999", ["port"]),
+    ("HOARDRUN_SMTP_URL", "smtp://mail.example.com/path", ["smtp://"]),
+    ("HOARDRUN_SMTP_TIMEOUT", "0", ["seconds >= 0.1"]),
+    ("HOARDRUN_MAIL_FROM", "nobody", ["address"]),
+    ("HOARDRUN_VERIFICATION_TTL", "5", ["integer >= 60"]),
+    ("HOARDRUN_RESET_TTL", "soon", ["integer >= 60"]),
 ]
 
 
@@ -137,7 +150,7 @@ def test_bad_value_is_one_line_naming_variable_value_and_what_is_allowed(env, na
         load_settings(dict(env, **{name: value}))
     message = str(info.value)
     assert "\n" not in message
-    shown = mask_url(value) if name == "DATABASE_URL" else value  # URLs shown masked
+    shown = mask_url(value) if name.endswith("_URL") else value  # URLs shown masked
     assert name in message and repr(shown) in message
     for word in allowed:
         assert word in message
@@ -172,6 +185,9 @@ def test_production_settings_load(prod):
     ({"HOARDRUN_CARD_ENCRYPTION_KEYS": None}, "HOARDRUN_CARD_ENCRYPTION_KEYS", "card"),
     ({"HOARDRUN_CARD_ENCRYPTION_KEYS": "not-a-key"}, "HOARDRUN_CARD_ENCRYPTION_KEYS",
      "32 bytes"),
+    ({"HOARDRUN_SMTP_URL": None}, "HOARDRUN_SMTP_URL", "smtp://"),
+    ({"HOARDRUN_SMTP_URL": " "}, "HOARDRUN_SMTP_URL", "smtps://"),
+    ({"HOARDRUN_MAIL_FROM": None}, "HOARDRUN_MAIL_FROM", "sender"),
 ])
 def test_production_refuses_to_start_without_what_it_needs(prod, tmp_path, change, variable,
                                                            says):
@@ -189,6 +205,65 @@ def test_production_refuses_to_start_without_what_it_needs(prod, tmp_path, chang
         assert secret not in message  # secrets are never echoed, even broken ones
     # Production never falls back to generating secrets on disk.
     assert not (tmp_path / "secrets.json").exists()
+
+
+ZERO_KEY = base64.urlsafe_b64encode(bytes(32)).decode()
+
+
+@pytest.mark.parametrize("change, variable, says", [
+    ({"HOARDRUN_SECRET_KEY": "a" * 32}, "HOARDRUN_SECRET_KEY", "distinct characters"),
+    ({"HOARDRUN_SECRET_KEY": "a" * 64}, "HOARDRUN_SECRET_KEY", "distinct characters"),
+    ({"HOARDRUN_SECRET_KEY": "changeme" * 4}, "HOARDRUN_SECRET_KEY", "too weak"),
+    ({"HOARDRUN_SECRET_KEY": "prod-key-" * 5}, "HOARDRUN_SECRET_KEY", "repeats a pattern"),
+    ({"HOARDRUN_SECRET_KEY": "test-secret-key-" + "x" * 40}, "HOARDRUN_SECRET_KEY",
+     "repeats a pattern"),
+    ({"HOARDRUN_SECRET_KEY": "abcdefghijklmnopqrstuvwxyz0123456789"}, "HOARDRUN_SECRET_KEY",
+     "sequence"),
+    ({"HOARDRUN_SECRET_KEY": "please-replace-with-the-real-one-2026"}, "HOARDRUN_SECRET_KEY",
+     "placeholder"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": ZERO_KEY}, "HOARDRUN_CARD_ENCRYPTION_KEYS",
+     "all zero bytes"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": f"{CARD_KEY},{ZERO_KEY}"},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "key 2 of 2"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": "dGVzdC1jYXJkLWtleS0wMDAwMDAwMDAwMDAwMDAwMDA="},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "too weak"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": base64.urlsafe_b64encode(bytes(range(32))).decode()},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "sequence"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS":
+      base64.urlsafe_b64encode(b"Correct-Horse-Battery-Staple-42!").decode()},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "printable text"),
+    ({"HOARDRUN_SECRET_KEY": CARD_KEY}, "HOARDRUN_SECRET_KEY", "same secret"),
+    ({"HOARDRUN_SECRET_KEY": "k7Qw9zR2mX4pL8vN1cB6tY3hJ5gF0dSa",
+      "HOARDRUN_CARD_ENCRYPTION_KEYS":
+      base64.urlsafe_b64encode(b"k7Qw9zR2mX4pL8vN1cB6tY3hJ5gF0dSa").decode()},
+     "HOARDRUN_SECRET_KEY", "same secret"),
+    ({"HOARDRUN_CARD_ENCRYPTION_KEYS": f"{CARD_KEY},{CARD_KEY}"},
+     "HOARDRUN_CARD_ENCRYPTION_KEYS", "twice"),
+])
+def test_production_refuses_weak_or_shared_secrets_with_one_line(prod, change, variable, says):
+    environ = dict(prod, **change)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ)
+    message = str(info.value)
+    assert "\n" not in message and variable in message and says in message, message
+    for value in change.values():
+        for key in value.split(","):
+            assert key not in message  # a secret is never echoed, even a weak one
+
+
+def test_weak_secrets_are_only_refused_in_production(env):
+    s = load_settings(dict(env, HOARDRUN_SECRET_KEY="a" * 32,
+                           HOARDRUN_CARD_ENCRYPTION_KEYS=ZERO_KEY))
+    assert s.secret_key == "a" * 32
+
+
+def test_generated_secrets_always_pass_the_production_check(prod):
+    """The values the error line tells an operator to generate are never refused."""
+    for _ in range(300):
+        s = load_settings(dict(prod, HOARDRUN_SECRET_KEY=secrets.token_urlsafe(48),
+                               HOARDRUN_CARD_ENCRYPTION_KEYS=f"{new_card_key()},{new_card_key()}"))
+        assert s.is_production
+        assert load_settings(dict(prod, HOARDRUN_SECRET_KEY=secrets.token_hex(16))).is_production
 
 
 def test_environment_name_is_case_insensitive(prod):

@@ -16,12 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "hoardrun"
 #: Top to bottom. ``api`` stands for every module under hoardrun/api/.
 LAYERS = (
     ("api", {"api"}),
-    ("services", {"accounts", "admin", "auth", "cards", "health", "history", "idempotency",
-                  "investments", "movements", "users", "sample", "backup"}),
+    ("services", {"accounts", "admin", "auth", "cards", "health", "history", "holds",
+                  "idempotency",
+                  "investments", "movements", "users", "sample", "backup", "verification"}),
     ("ledger", {"ledger"}),
-    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text"}),
+    ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail"}),
     ("db", {"db", "embedded"}),
-    ("base", {"config", "errors", "money", "__init__"}),
+    ("base", {"config", "errors", "money", "clock", "__init__"}),
 )
 
 

@@ -114,12 +114,12 @@ def test_looks_like_token_rejects_garbage_without_a_lookup():
         assert looks_like_token(junk) is False
 
 
-def test_token_hash_is_64_hex_deterministic_and_not_the_token():
+def test_token_hash_is_64_hex_and_deterministic():
+    """That no token is stored in the clear is proved on the stored rows (test_log_secrets.py)."""
     token = new_token()
     digest = hash_token(token)
     assert re.fullmatch(r"[0-9a-f]{64}", digest)
     assert hash_token(token) == digest
-    assert token not in digest
     assert hash_token(new_token()) != digest
     # One character off is a different token.
     assert hash_token(token[:-1] + ("A" if token[-1] != "A" else "B")) != digest
@@ -214,7 +214,6 @@ def test_fingerprint_is_keyed_64_hex_and_ignores_formatting():
     assert fingerprint("4111 1111 1111 1111", SECRET) == digest
     assert fingerprint(CARD, "t" * 40) != digest  # without the key it cannot be recomputed
     assert fingerprint("4111111111111129", SECRET) != digest
-    assert CARD not in digest
 
 
 # --------------------------------------------------------- Luhn and masks

@@ -207,6 +207,52 @@ class Statement:
                                                         start=start, end=end))
 
 
+class BalanceQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    as_of: UTCDateTime = Field(description="ISO 8601 instant (read as UTC without an offset); "
+                                           "not after now")
+
+
+class BalanceOut(BaseModel):
+    """An account at one instant, from the balance its last entry then left."""
+
+    account_id: uuid.UUID
+    currency: str
+    as_of: datetime
+    balance: str
+    pending_holds: str = Field(description="What card authorizations active then reserved")
+    available_balance: str = Field(description="balance - pending_holds")
+    entry_id: uuid.UUID | None = Field(description="The last entry at or before as_of (null "
+                                                   "before the first)")
+    entry_created_at: datetime | None
+
+
+class Balance:
+    """``GET /accounts/{account_id}/balance?as_of=``."""
+
+    def __init__(self, *, clock=utcnow):
+        self.clock = clock
+
+    @spec.validate(query=BalanceQuery,
+                   resp=Response(HTTP_200=BalanceOut, HTTP_422=Problem, **_ERRORS),
+                   security=BEARER, tags=TAGS)
+    def on_get(self, req, resp, account_id):
+        """My account's balance and available balance as of an instant.
+
+        Read from the ``balance_after`` of the last entry at or before
+        ``as_of`` (one index seek, never a sum); zero before the first entry.
+        An instant after now is a 422.
+        """
+        b = history.balance_at(req.context.user.id, account_id, req.context.query.as_of,
+                               now=self.clock())
+        resp.media = {"account_id": b.account_id, "currency": b.currency, "as_of": b.as_of,
+                      "balance": format_amount(b.balance, b.currency),
+                      "pending_holds": format_amount(b.held, b.currency),
+                      "available_balance": format_amount(b.balance - b.held, b.currency),
+                      "entry_id": b.entry_id, "entry_created_at": b.entry_at}
+
+
 class Transaction:
     """``GET /transactions/{transaction_id}``."""
 
@@ -221,4 +267,5 @@ def mount(app, settings, *, clock=utcnow):
     account = f"{API_PREFIX}/accounts/{{account_id:uuid}}"
     app.add_route(f"{account}/transactions", AccountTransactions(settings))
     app.add_route(f"{account}/statement", Statement(clock=clock))
+    app.add_route(f"{account}/balance", Balance(clock=clock))
     app.add_route(f"{API_PREFIX}/transactions/{{transaction_id:uuid}}", Transaction())

@@ -1,38 +1,30 @@
 """Money movement: deposits, withdrawals, transfers and P2P payments.
 
 Every POST here moves money through ``hoardrun.ledger`` (via
-``hoardrun.movements``) and honours an ``Idempotency-Key`` header: the
-first response to a key is stored in the same transaction as the movement,
-and a replay (same key, same method, path and body) gets it back with the
-same status and body and ``Idempotent-Replayed: true``; the same key with
-another body is a 422 ``idempotency-key-reused``. Refusals (insufficient
-funds, frozen account, …) are part of the first response and replay too.
-Amounts are decimal strings in the account's currency.
+``hoardrun.movements``, the domain module this one pairs with) and honours
+an ``Idempotency-Key`` header (``hoardrun.api.idempotency``). Amounts are
+decimal strings in the account's currency.
 
 The GETs for transfers and P2P payments live here too, because they share
 their collection URLs with the POSTs.
 """
 
-import json
 import uuid
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from spectree import Response
 
-from .. import cursors, errors, history, idempotency, movements
+from .. import cursors, history, movements
 from ..models import MOVEMENT_STATUSES
 from ..money import format_amount
-from . import problems
-from .media import JSON, PROBLEM_JSON, dumps
+from .history import CounterpartyOut, EntryOut, render_counterparty, render_entry
+from .idempotency import IdempotencyHeaders, idempotent
 from .openapi import BEARER, Problem, spec
-from .transactions import CounterpartyOut, EntryOut, render_counterparty, render_entry
 
 API_PREFIX = "/api/v1"
 TAGS = ["money"]
-REPLAYED_HEADER = "Idempotent-Replayed"
 
 _AMOUNT = dict(min_length=1, max_length=40, examples=["12.34"],
                description="Decimal string in the account's currency, > 0 "
@@ -41,17 +33,6 @@ _AMOUNT = dict(min_length=1, max_length=40, examples=["12.34"],
 
 # --------------------------------------------------------------------------
 # Schemas
-
-class IdempotencyHeaders(BaseModel):
-    """``Idempotency-Key``: send the same key to retry a request safely."""
-
-    idempotency_key: str | None = Field(
-        None, min_length=1, max_length=idempotency.KEY_MAX_LENGTH,
-        # falcon hands headers over upper-cased; the document shows the usual spelling.
-        validation_alias=AliasChoices(idempotency.HEADER, idempotency.HEADER.upper()),
-        description="Optional, per user. A retry with the same key and body returns the "
-                    "first response without moving money again.")
-
 
 class CashIn(BaseModel):
     """A deposit into, or a withdrawal from, one of my accounts."""
@@ -91,6 +72,15 @@ class P2PIn(BaseModel):
     note: str | None = Field(None, max_length=movements.DESCRIPTION_MAX)
 
 
+class MovementReversalOut(BaseModel):
+    """The movement that undid a transfer or P2P payment (status ``reversed``)."""
+
+    movement_id: uuid.UUID
+    transaction_id: uuid.UUID = Field(description="The reversing entry on my account "
+                                                  "(GET /transactions/{id})")
+    reversed_at: datetime
+
+
 class TransferOut(BaseModel):
     id: uuid.UUID
     reference: str
@@ -103,6 +93,7 @@ class TransferOut(BaseModel):
     status: Literal[MOVEMENT_STATUSES]
     created_at: datetime
     completed_at: datetime | None
+    reversal: MovementReversalOut | None = Field(description="Set when status is reversed")
 
 
 class TransferList(BaseModel):
@@ -124,6 +115,7 @@ class P2POut(BaseModel):
     status: Literal[MOVEMENT_STATUSES]
     created_at: datetime
     completed_at: datetime | None
+    reversal: MovementReversalOut | None = Field(description="Set when status is reversed")
 
 
 class P2PList(BaseModel):
@@ -149,15 +141,81 @@ class P2PQuery(BaseModel):
     status: Literal[MOVEMENT_STATUSES] | None = None
 
 
+class BatchLegIn(BaseModel):
+    """One leg: from my account to my other account (``to_account_id``) or to another
+    user's primary account (``recipient_email`` or ``recipient_user_id``): exactly one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID | None = None
+    recipient_email: str | None = Field(None, max_length=254)
+    recipient_user_id: uuid.UUID | None = None
+    amount: str = Field(**_AMOUNT)
+    description: str | None = Field(None, max_length=movements.DESCRIPTION_MAX,
+                                    description="The transfer's description or the "
+                                                "payment's note")
+
+
+class BatchIn(BaseModel):
+    """Up to 100 legs, made together or not at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    legs: list[BatchLegIn] = Field(min_length=1, max_length=movements.BATCH_MAX_LEGS)
+
+
+class BatchLegOut(BaseModel):
+    index: int
+    kind: Literal["transfer", "p2p"]
+    id: uuid.UUID = Field(description="The transfer's or P2P payment's id (GET /transfers/{id} "
+                                      "or /p2p/{id})")
+    reference: str
+    from_account_id: uuid.UUID
+    to_account_id: uuid.UUID | None = Field(description="Only for a transfer to my account")
+    counterparty: CounterpartyOut | None = Field(description="Only for a payment to a user")
+    amount: str
+    currency: str
+    description: str | None
+    status: Literal["completed"]
+    created_at: datetime
+
+
+class BatchOut(BaseModel):
+    id: uuid.UUID = Field(description="The batch (named in the audit log)")
+    legs: list[BatchLegOut]
+
+
+class LegProblem(BaseModel):
+    """Why one leg of a refused batch cannot be made."""
+
+    index: int = Field(description="The leg's position in the request, from 0")
+    type: str = Field(examples=["https://hoardrun.dev/problems/insufficient-funds"])
+    detail: str
+
+
+class BatchProblem(Problem):
+    """A refused batch: nothing moved; ``legs`` names every failing leg."""
+
+    legs: list[LegProblem] | None = None
+
+
 # --------------------------------------------------------------------------
 # Rendering
+
+def render_reversal(r):
+    if r is None:
+        return None
+    return {"movement_id": r.movement_id, "transaction_id": r.entry_id,
+            "reversed_at": r.reversed_at}
+
 
 def render_transfer(t):
     return {"id": t.id, "reference": t.reference, "from_account_id": t.from_account_id,
             "to_account_id": t.to_account_id, "amount": format_amount(t.amount, t.currency),
             "currency": t.currency, "fee": format_amount(t.fee, t.currency),
             "description": t.description, "status": t.status, "created_at": t.created_at,
-            "completed_at": t.completed_at}
+            "completed_at": t.completed_at, "reversal": render_reversal(t.reversal)}
 
 
 def render_payment(p):
@@ -165,61 +223,18 @@ def render_payment(p):
             "account_id": p.account_id, "counterparty": render_counterparty(p.counterparty),
             "amount": format_amount(p.amount, p.currency), "currency": p.currency,
             "note": p.note, "status": p.status, "created_at": p.created_at,
-            "completed_at": p.completed_at}
+            "completed_at": p.completed_at, "reversal": render_reversal(p.reversal)}
 
 
-# --------------------------------------------------------------------------
-# The idempotent POST
-
-def _problem(req, exc):
-    """``exc`` (a 4xx domain error) as ``(status, problem JSON text)``, exactly as the
-    error serializer would write it, so the stored first response is the real one."""
-    try:
-        problems.handle_domain_error(req, None, exc, None)
-    except problems.Problem as problem:
-        out = SimpleNamespace(content_type=None, data=None)
-        problems.serialize(req, out, problem)
-        return problem.status_code, out.data.decode("utf-8")
-    raise AssertionError("handle_domain_error always raises")  # pragma: no cover
-
-
-def _idempotent(req, resp, action, location_prefix, *, kind):
-    """Run ``action`` (returns the 201 body dict) under the request's Idempotency-Key.
-
-    ``kind`` names the movement; ``req.context.movement`` is set to
-    ``(kind, outcome, reason)`` (``posted``, ``refused`` with the problem
-    code, or ``replayed``) for the metrics middleware.
-    """
-    key = idempotency.check_key(req.context.headers.idempotency_key)
-    fingerprint = idempotency.request_hash(req.method, req.path,
-                                           req.get_media(default_when_empty={}))
-    refusals = []
-
-    def refused(exc):
-        refusals.append(exc.code)
-        return _problem(req, exc)
-
-    try:
-        outcome = idempotency.run(req.context.user.id, key, fingerprint,
-                                  lambda: (201, dumps(action())), on_error=refused,
-                                  ttl=req.context.idempotency_ttl)
-    except errors.HoardRunError as exc:
-        if exc.status < 500:  # without a key a refusal propagates as the problem itself
-            req.context.movement = (kind, "refused", exc.code)
-        raise
-    if outcome.replayed:
-        req.context.movement = (kind, "replayed", "")
-    elif outcome.status >= 400:
-        req.context.movement = (kind, "refused", refusals[-1])
-    else:
-        req.context.movement = (kind, "posted", "")
-    resp.status = outcome.status
-    resp.content_type = JSON if outcome.status < 400 else PROBLEM_JSON
-    resp.data = outcome.body.encode("utf-8")
-    if outcome.status == 201:
-        resp.location = f"{location_prefix}/{json.loads(outcome.body)['id']}"
-    if key is not None:
-        resp.set_header(REPLAYED_HEADER, "true" if outcome.replayed else "false")
+def render_batch(b):
+    return {"id": b.id, "legs": [{
+        "index": leg.index, "kind": leg.kind, "id": leg.id, "reference": leg.reference,
+        "from_account_id": leg.from_account_id, "to_account_id": leg.to_account_id,
+        "counterparty": None if leg.counterparty is None else render_counterparty(
+            leg.counterparty),
+        "amount": format_amount(leg.amount, leg.currency), "currency": leg.currency,
+        "description": leg.description, "status": "completed", "created_at": leg.created_at,
+    } for leg in b.legs]}
 
 
 _POST_RESPONSES = dict(HTTP_401=Problem, HTTP_404=Problem, HTTP_422=Problem)
@@ -241,7 +256,7 @@ class Deposits:
         The response is the new entry on my account (as ``GET /transactions/{id}``).
         """
         body = req.context.json
-        _idempotent(req, resp, lambda: render_entry(movements.deposit(
+        idempotent(req, resp, lambda: render_entry(movements.deposit(
             req.context.user.id, account_id, body.amount, description=body.description,
             request_id=req.context.request_id)), f"{API_PREFIX}/transactions", kind="deposit")
 
@@ -255,7 +270,7 @@ class Withdrawals:
     def on_post(self, req, resp, account_id):
         """Withdraw from one of my accounts, down to minus its overdraft limit at most."""
         body = req.context.json
-        _idempotent(req, resp, lambda: render_entry(movements.withdraw(
+        idempotent(req, resp, lambda: render_entry(movements.withdraw(
             req.context.user.id, account_id, body.amount, description=body.description,
             request_id=req.context.request_id)), f"{API_PREFIX}/transactions",
             kind="withdrawal")
@@ -285,7 +300,7 @@ class Transfers:
     def on_post(self, req, resp):
         """Move money between two of my accounts in the same currency."""
         body = req.context.json
-        _idempotent(req, resp, lambda: render_transfer(movements.transfer(
+        idempotent(req, resp, lambda: render_transfer(movements.transfer(
             req.context.user.id, body.from_account_id, body.to_account_id, body.amount,
             currency=body.currency, description=body.description,
             request_id=req.context.request_id)), f"{API_PREFIX}/transfers", kind="transfer")
@@ -333,16 +348,19 @@ class P2PPayments:
                       "next_cursor": page.next_cursor}
 
     @spec.validate(json=P2PIn, headers=IdempotencyHeaders,
-                   resp=Response(HTTP_201=P2POut, **_POST_RESPONSES),
+                   resp=Response(HTTP_201=P2POut, HTTP_403=Problem, **_POST_RESPONSES),
                    security=BEARER, tags=TAGS)
     def on_post(self, req, resp):
         """Pay another user (by email or user id) into their primary account.
 
         Same currency only; paying yourself is refused (``same-account``).
+        Both sides need a verified email: an unverified sender gets 403
+        ``email-not-verified``; an unverified recipient is the same 404 as an
+        unknown one.
         """
         body = req.context.json
         email, user_id = _recipient(body)
-        _idempotent(req, resp, lambda: render_payment(movements.p2p(
+        idempotent(req, resp, lambda: render_payment(movements.p2p(
             req.context.user.id, body.amount, recipient_email=email,
             recipient_user_id=user_id, from_account_id=body.from_account_id,
             currency=body.currency, note=body.note, request_id=req.context.request_id)),
@@ -358,6 +376,33 @@ class P2PPayment:
         resp.media = render_payment(history.payment(req.context.user.id, payment_id))
 
 
+class Batches:
+    """``POST /payments/batch``: many legs, all or none (Idempotency-Key honoured)."""
+
+    @spec.validate(json=BatchIn, headers=IdempotencyHeaders,
+                   resp=Response(HTTP_201=BatchOut, HTTP_401=Problem, HTTP_403=Problem,
+                                 HTTP_422=BatchProblem),
+                   security=BEARER, tags=TAGS)
+    def on_post(self, req, resp):
+        """Make up to 100 transfers and P2P payments at once: every leg or none.
+
+        Each leg is from one of my accounts to another of mine or to another
+        user (the P2P rules: verified recipients, their primary account, same
+        currency). Legs are checked in order against running balances; when
+        any leg cannot be made, nothing is, and the 422 ``batch-refused``
+        lists each failing leg as ``legs: [{index, type, detail}]``. One
+        ``Idempotency-Key`` covers the whole batch.
+        """
+        body = req.context.json
+        legs = [movements.LegRequest(
+            from_account_id=leg.from_account_id, amount=leg.amount,
+            to_account_id=leg.to_account_id, recipient_email=leg.recipient_email,
+            recipient_user_id=leg.recipient_user_id, description=leg.description)
+            for leg in body.legs]
+        idempotent(req, resp, lambda: render_batch(movements.batch(
+            req.context.user.id, legs, request_id=req.context.request_id)), None, kind="batch")
+
+
 def mount(app, settings):
     """Add the money-movement routes to ``app``."""
     accounts = f"{API_PREFIX}/accounts/{{account_id:uuid}}"
@@ -367,3 +412,4 @@ def mount(app, settings):
     app.add_route(f"{API_PREFIX}/transfers/{{transfer_id:uuid}}", Transfer())
     app.add_route(f"{API_PREFIX}/p2p", P2PPayments(settings))
     app.add_route(f"{API_PREFIX}/p2p/{{payment_id:uuid}}", P2PPayment())
+    app.add_route(f"{API_PREFIX}/payments/batch", Batches())
