@@ -388,7 +388,7 @@ def scaling(url, port, sizes, seconds, loadgen="auto"):
             drive(port, 1, 1, request, loadgen=loadgen)  # warm-up: caches and plans
             row = summarise(f"history_{label}@{size}",
                             drive(port, 1, seconds, request, loadgen=loadgen))
-            row.update({"entries": size, "page": label})
+            row.update({"entries": size, "page": label, "clients": 1})
             rows.append(row)
             log.info("scaling %s page at %d entries: p50 %.2f ms", label, size, row["p50_ms"])
     dbm.release_connection()

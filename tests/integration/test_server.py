@@ -210,10 +210,12 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def _wait_ready(proc, port, attempts=400):
-    """Poll readiness until it answers (bounded); returns (status, body)."""
+def _wait_ready(proc, port, timeout=180):
+    """Poll readiness until it answers (bounded: a first embedded start runs initdb,
+    slow on a busy machine); returns (status, body)."""
     status = body = None
-    for _ in range(attempts):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/api/health/readiness")
