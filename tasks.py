@@ -260,6 +260,21 @@ def _confirm(question):
 
 # --------------------------------------------------------------------------- db.*
 
+def _serve_plan(settings):
+    """What ``invoke serve`` with its defaults would open, in one line."""
+    from hoardrun import db as dbm
+    from hoardrun.api import serve as serving
+    from hoardrun.errors import ConfigError
+
+    allowance = dbm.connection_allowance(settings)
+    try:
+        plan = dbm.plan_pools(settings, allowance, workers=serving.DEFAULT_WORKERS,
+                              threads=serving.DEFAULT_THREADS)
+    except ConfigError as error:
+        return f"invoke serve with its defaults would not start: {error}"
+    return f"invoke serve (granian, defaults): {plan.describe()}"
+
+
 @task(help={"verbose": "also show environment, live pool numbers, timeouts and each migration"})
 def check(c, verbose=False):
     """Report connection, server, pool, SSL and migrations; exit 1 when not healthy."""
@@ -271,6 +286,7 @@ def check(c, verbose=False):
         ssl = dbm.ssl_in_use()
         applied, pending, unknown = _migration_state(database)
         live = dbm.pool_info()
+        serve_plan = _serve_plan(settings) if verbose else None
     print(f"database:   {settings.masked_database_url}")
     print(f"server:     {version}" + (f" (embedded, data in {embedded.data_directory(settings.data_dir)})"
                                       if settings.embedded else ""))
@@ -283,6 +299,7 @@ def check(c, verbose=False):
         print(f"pool now:   {live['checked_out']} checked out, {live['checked_in']} idle,"
               f" {live['overflow']} overflow")
         print(f"timeouts:   connect {settings.connect_timeout}s, statement {settings.command_timeout}s")
+        print(f"serving:    {serve_plan}")
     if settings.embedded:
         print("ssl:        not needed (embedded server on a local Unix socket or loopback)")
     else:
@@ -650,61 +667,92 @@ def test(c, database_only=False, coverage=False, specific=None, long=0):
 # --------------------------------------------------------------------------- serve
 
 @task(auto_shortflags=False, help={
+    "server": "granian (default: native, several worker processes) or waitress (pure Python, "
+              "one process)",
     "host": "interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
     "port": "TCP port (default 8000)",
-    "threads": "waitress worker threads (default 16); the pool is sized to at least this",
+    "workers": "worker processes (granian; default 2 on a machine with 2+ cores; waitress: 1)",
+    "threads": "threads per worker (default 16); each worker's pool is sized from this",
 })
-def serve(c, host="127.0.0.1", port=8000, threads=16):
-    """Serve the API with waitress until Ctrl-C (migrates first outside production)."""
+def serve(c, server="granian", host="127.0.0.1", port=8000, workers=None, threads=16):
+    """Serve the API until Ctrl-C or SIGTERM (migrates once first outside production)."""
     from hoardrun.api import serve as serving
+    from hoardrun.errors import ConfigError
 
+    if server not in serving.SERVERS:
+        raise Exit(f"--server={server} is not valid: expected one of "
+                   f"{', '.join(serving.SERVERS)}", code=1)
     if threads < 1:
         raise Exit(f"--threads={threads} is not valid: expected an integer >= 1", code=1)
+    if workers is not None:
+        try:
+            workers = int(workers)
+        except ValueError:
+            workers = 0
+        if workers < 1 or (server == "waitress" and workers != 1):
+            raise Exit(f"--workers={workers} is not valid: expected an integer >= 1"
+                       + (" (waitress runs one process: use --server granian)"
+                          if server == "waitress" else ""), code=1)
     settings = _settings()
     # waitress says where it listens at INFO; the access lines are hoardrun.access
     logging.getLogger("waitress").setLevel(logging.INFO)
     with _guard_settings(settings):
         try:
-            serving.serve(host=host, port=port, threads=threads, settings=settings)
+            serving.serve(server=server, host=host, port=port, workers=workers,
+                          threads=threads, settings=settings)
+        except ConfigError as error:  # the workers' pools do not fit the database
+            raise Exit(str(error), code=1) from None
         except OSError as error:  # the port is taken, or the host is not ours
             raise Exit(f"cannot listen on {host}:{port}: {error.strerror or error}",
                        code=1) from None
 
 
 @task(auto_shortflags=False, help={
-    "clients": "concurrent keep-alive clients per scenario (default 8)",
+    "clients": "concurrent keep-alive clients per scenario (default 8; the @32 scenarios use 32)",
     "seconds": "seconds each scenario runs (default 10)",
-    "scenario": "comma-separated subset of: " + ", ".join((
-        "health", "health_database", "account", "transfer", "p2p", "history_first",
-        "history_deep", "statement")) + " (default all)",
+    "scenario": "comma-separated subset of: bare, health, health_database, account, transfer, "
+                "p2p, deposit, withdrawal, card_payment, investment_buy, history_first, "
+                "history_deep, statement, transfer@32, deposit@32 (default all)",
+    "server": "granian (default), waitress, or both (every scenario under each, one run)",
+    "workers": "worker processes of the server under test (default: granian 2, waitress 1)",
+    "threads": "threads per worker of the server under test (default 16)",
+    "loadgen": "auto (default: wrk when on the PATH, else Python), wrk or python",
     "users": "seeded users (default 1000)",
-    "accounts": "seeded accounts, split between the users (default 2000)",
+    "accounts": "seeded checking + savings accounts, split between the users (default 2000)",
     "entries": "seeded ledger entries (default 200000)",
-    "threads": "waitress threads of the server under test (default 16)",
     "scaling": "also time history pages at 10k, 100k and 1M entries in one account "
                "(default on; --no-scaling skips it)",
+    "quick": "a smoke run: 1 s scenarios, 40 users, few entries, no scaling",
     "drop": "drop the bench database afterwards (default: keep it for `invoke db.verify`)",
 })
-def bench(c, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entries=200_000,
-          threads=16, scaling=True, drop=False):
-    """Measure the API against the database's own transfer ceiling on PostgreSQL."""
+def bench(c, clients=8, seconds=10, scenario=None, server="granian", workers=None, threads=16,
+          loadgen="auto", users=1000, accounts=2000, entries=200_000, scaling=True,
+          quick=False, drop=False):
+    """Measure the API under granian and/or waitress against pgbench ceilings on PostgreSQL."""
     from bench import runner
 
     _setup_logging()
-    if clients < 1 or seconds < 1 or users < 2 or accounts < users or entries < 0:
-        raise Exit("--clients and --seconds must be >= 1, --users >= 2, --accounts >= --users "
-                   "and --entries >= 0", code=1)
+    if clients < 1 or seconds < 1 or users < 2 or accounts < users or entries < 0 or threads < 1:
+        raise Exit("--clients, --seconds and --threads must be >= 1, --users >= 2, --accounts "
+                   ">= --users and --entries >= 0", code=1)
+    if loadgen not in ("auto", "wrk", "python"):
+        raise Exit(f"--loadgen={loadgen} is not valid: expected auto, wrk or python", code=1)
+    try:
+        workers = int(workers) if workers is not None else None
+    except ValueError:
+        raise Exit(f"--workers={workers} is not valid: expected an integer >= 1", code=1) from None
     try:
         report = runner.run(clients=clients, seconds=seconds, scenario=scenario, users=users,
                             accounts=accounts, entries=entries, threads=threads,
+                            workers=workers, server=server, loadgen=loadgen,
                             scaling_sizes=runner.SCALING_SIZES if scaling else (),
-                            keep=not drop)
+                            keep=not drop, quick=quick)
     except runner.BenchError as error:
         raise Exit(f"bench: {error}", code=1) from None
     except _database_errors() as error:
         raise Exit(_one_line(error), code=1) from None
     print(runner.format_report(report))
-    if not all(passed for *_, passed in report["checks"]):
+    if not all(passed for _, _, _, passed, _ in report["checks"]):
         raise Exit("bench: at least one target was missed (see FAIL above)", code=1)
 
 

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import psycopg2
 
@@ -30,18 +30,40 @@ def measure(url, *, clients, seconds, pairs):
     return _threads(url, clients, seconds, pairs)
 
 
+def connection_args(url):
+    """``-h/-p/-U`` for a libpq client: the URL's query (``?host=/socket``) wins."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    return ["-h", query.get("host") or parts.hostname or "127.0.0.1",
+            "-p", str(query.get("port") or parts.port or 5432),
+            "-U", query.get("user") or parts.username or "postgres"]
+
+
 def _pgbench(url, clients, seconds, pairs):
+    script = f"\\set n random(1, {pairs})\n" + TRANSFER_SQL.format(n=":n") + ";\n"
+    return run_pgbench(url, clients, seconds, [script])
+
+
+def run_pgbench(url, clients, seconds, scripts, defines=None):
+    """Drive ``scripts`` (pgbench script texts, chosen at random per transaction).
+
+    Simple protocol, as psycopg2 speaks; latencies from pgbench's per-transaction log.
+    """
     parts = urlsplit(url)
     with tempfile.TemporaryDirectory() as tmp:
-        script = os.path.join(tmp, "transfer.sql")
-        with open(script, "w", encoding="utf-8") as f:
-            f.write(f"\\set n random(1, {pairs})\n" + TRANSFER_SQL.format(n=":n") + ";\n")
+        files = []
+        for i, text in enumerate(scripts):
+            path = os.path.join(tmp, f"script{i}.sql")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            files += ["-f", f"{path}@1"]
         env = dict(os.environ, PGPASSWORD=parts.password or "")
         cmd = ["pgbench", "-n", "-M", "simple", "-c", str(clients), "-j", str(min(clients, 2)),
-               "-T", str(int(seconds)), "-f", script, "-l", "--log-prefix",
-               os.path.join(tmp, "lat"), "-h", parts.hostname or "127.0.0.1",
-               "-p", str(parts.port or 5432), "-U", parts.username or "postgres",
-               parts.path.lstrip("/")]
+               "-T", str(int(seconds)), *files, "-l", "--log-prefix",
+               os.path.join(tmp, "lat"), *connection_args(url)]
+        for name, value in (defines or {}).items():
+            cmd += ["-D", f"{name}={value}"]
+        cmd.append(parts.path.lstrip("/"))
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError("pgbench failed: " + (done.stderr or done.stdout).strip()[-500:])

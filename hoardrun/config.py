@@ -66,6 +66,9 @@ class Settings:
     data_dir: str = DEFAULT_DATA_DIR
     pool_size: int = DEFAULT_POOL_SIZE
     max_overflow: int = DEFAULT_MAX_OVERFLOW
+    #: Connections every worker of one ``invoke serve`` may open together;
+    #: None: what the database server allows (see ``db.connection_allowance``).
+    connection_limit: int | None = None
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
     pool_recycle: int = DEFAULT_POOL_RECYCLE
     pool_pre_ping: bool = DEFAULT_POOL_PRE_PING
@@ -466,6 +469,8 @@ def load_settings(environ=None):
         data_dir=(environ.get("HOARDRUN_DATA_DIR") or "").strip() or DEFAULT_DATA_DIR,
         pool_size=_int(environ, "DATABASE_POOL_SIZE", DEFAULT_POOL_SIZE, minimum=1),
         max_overflow=_int(environ, "DATABASE_MAX_OVERFLOW", DEFAULT_MAX_OVERFLOW),
+        # 0 or unset: no limit of our own, only the server's
+        connection_limit=_int(environ, "DATABASE_CONNECTION_LIMIT", 0) or None,
         pool_timeout=_float(environ, "DATABASE_POOL_TIMEOUT", DEFAULT_POOL_TIMEOUT),
         pool_recycle=_int(environ, "DATABASE_POOL_RECYCLE", DEFAULT_POOL_RECYCLE, minimum=1),
         pool_pre_ping=_bool(environ, "DATABASE_POOL_PRE_PING", DEFAULT_POOL_PRE_PING),

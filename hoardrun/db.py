@@ -11,6 +11,7 @@ import select
 import threading
 import time
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee as pw
@@ -18,6 +19,7 @@ from playhouse.pool import MaxConnectionsExceeded
 from playhouse.pool import _PooledPostgresqlDatabase
 
 from .config import SSL_MODES
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -399,3 +401,83 @@ def ssl_in_use():
     """Whether this session's connection to the server is encrypted."""
     row = db.execute_sql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
     return bool(row and row[0])
+
+
+# --------------------------------------------------------------------------- sizing
+
+@dataclass(frozen=True)
+class ConnectionAllowance:
+    """How many connections this role may open on this database, and why."""
+
+    allowed: int
+    max_connections: int
+    reserved: int
+    reason: str
+
+
+def connection_allowance(settings):
+    """What the server (and ``DATABASE_CONNECTION_LIMIT``) lets all our workers open together.
+
+    ``max_connections`` less the slots kept for superusers and
+    ``pg_use_reserved_connections`` (PostgreSQL 16+), lower still when the
+    role or the database has a ``CONNECTION LIMIT``. Other clients of the same
+    server (tasks, monitoring, other hosts) are not subtracted: with several
+    hosts, set ``DATABASE_CONNECTION_LIMIT`` to each host's share.
+    """
+    row = db.execute_sql(
+        "SELECT current_setting('max_connections')::int, "
+        "current_setting('superuser_reserved_connections')::int, "
+        "coalesce(current_setting('reserved_connections', true), '0')::int, "
+        "(SELECT rolconnlimit FROM pg_roles WHERE rolname = current_user), "
+        "(SELECT datconnlimit FROM pg_database WHERE datname = current_database())").fetchone()
+    max_conn, superuser, reserved, role_limit, db_limit = row
+    allowed = max_conn - superuser - reserved
+    reason = f"max_connections {max_conn} - {superuser + reserved} reserved"
+    for limit, what in ((role_limit, "the role's CONNECTION LIMIT"),
+                        (db_limit, "the database's CONNECTION LIMIT"),
+                        (settings.connection_limit, "DATABASE_CONNECTION_LIMIT")):
+        if limit is not None and limit >= 0 and limit < allowed:
+            allowed, reason = limit, f"{what} {limit}"
+    return ConnectionAllowance(max(0, allowed), max_conn, superuser + reserved, reason)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """Each worker's pool: ``workers`` x (``pool_size`` + ``max_overflow``) <= ``allowed``."""
+
+    workers: int
+    threads: int
+    pool_size: int
+    max_overflow: int
+    allowed: int
+    reason: str
+
+    @property
+    def total(self):
+        return self.workers * (self.pool_size + self.max_overflow)
+
+    def describe(self):
+        """One line for the start-up log and ``db.check --verbose``."""
+        return (f"{self.workers} worker(s) x {self.threads} threads, pool {self.pool_size} + "
+                f"overflow {self.max_overflow} each: at most {self.total} connections of the "
+                f"{self.allowed} the database allows ({self.reason})")
+
+
+def plan_pools(settings, allowance, *, workers, threads):
+    """Size every worker's pool from its threads within the database's allowance.
+
+    A thread holds at most one connection at a time, so each worker needs
+    ``threads``; the pool keeps at least that many (more when
+    DATABASE_POOL_SIZE says so and the allowance has room), and the overflow
+    is what remains of the worker's share. Raises ``ConfigError`` when even
+    ``workers`` x ``threads`` do not fit.
+    """
+    share = allowance.allowed // workers
+    if share < threads:
+        raise ConfigError(
+            f"{workers} worker(s) x {threads} threads need {workers * threads} database "
+            f"connections but the database allows {allowance.allowed} ({allowance.reason}): "
+            "use fewer workers or threads, or raise the server's max_connections")
+    pool = min(max(settings.pool_size, threads), share)
+    overflow = min(settings.max_overflow, share - pool)
+    return PoolPlan(workers, threads, pool, overflow, allowance.allowed, allowance.reason)

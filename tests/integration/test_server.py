@@ -1,4 +1,4 @@
-"""The app under a real waitress server on a loopback port, as curl and probes see it."""
+"""The app under real servers (waitress, granian) on a loopback port, as curl and probes see it."""
 
 import http.client
 import json
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil
 import pytest
 
 from hoardrun import db as dbm
@@ -20,6 +21,7 @@ from hoardrun import embedded, schema
 from hoardrun.api import get_app
 from hoardrun.api import serve as serving
 from hoardrun.config import load_settings
+from hoardrun.errors import ConfigError
 from tests.conftest import base_environ, ensure_pg_database, pg_url, reset_pg_schema
 from tests.integration.conftest import LiveServer
 
@@ -132,6 +134,35 @@ def test_the_pool_is_at_least_as_large_as_the_thread_count(settings):
     assert serving.sized_for(settings.replace(pool_size=20), 8).pool_size == 20
 
 
+def _allowance(allowed):
+    return dbm.ConnectionAllowance(allowed, allowed + 3, 3, f"max_connections {allowed + 3} - 3")
+
+
+def test_every_workers_pool_fits_in_what_the_database_allows(settings):
+    plan = dbm.plan_pools(settings.replace(pool_size=20, max_overflow=30), _allowance(97),
+                          workers=2, threads=16)
+    assert (plan.pool_size, plan.max_overflow) == (20, 28)
+    assert plan.total == 96 <= 97
+    small = dbm.plan_pools(settings.replace(pool_size=4, max_overflow=30), _allowance(40),
+                           workers=4, threads=8)
+    # the pool holds one connection per thread even when DATABASE_POOL_SIZE is smaller
+    assert (small.pool_size, small.max_overflow, small.total) == (8, 2, 40)
+    assert "4 worker(s) x 8 threads" in small.describe() and "of the 40" in small.describe()
+    with pytest.raises(ConfigError, match=r"2 worker\(s\) x 16 threads need 32"):
+        dbm.plan_pools(settings, _allowance(31), workers=2, threads=16)
+
+
+def test_the_allowance_is_the_servers_less_its_reserved_slots_and_our_limit(database, settings):
+    max_conn, reserved = (int(database.execute_sql(f"SHOW {name}").fetchone()[0])
+                          for name in ("max_connections", "superuser_reserved_connections"))
+    allowance = dbm.connection_allowance(settings)
+    # PostgreSQL 16+ also keeps reserved_connections (0 unless configured)
+    assert allowance.allowed <= max_conn - reserved
+    assert allowance.max_connections == max_conn
+    limited = dbm.connection_allowance(settings.replace(connection_limit=7))
+    assert (limited.allowed, limited.reason) == (7, "DATABASE_CONNECTION_LIMIT 7")
+
+
 @pytest.fixture
 def empty_url():
     url = pg_url()
@@ -179,49 +210,162 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def _wait_ready(proc, port, timeout=180):
+    """Poll readiness until it answers (bounded: a first embedded start runs initdb,
+    slow on a busy machine); returns (status, body)."""
+    status = body = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/health/readiness")
+            resp = conn.getresponse()
+            status, body = resp.status, json.loads(resp.read())
+            conn.close()
+            return status, body
+        except OSError:
+            if proc.poll() is not None:
+                return None, None
+            time.sleep(0.05)
+    return status, body
+
+
+def _start(env, port, server, workers=None, threads=8, **popen):
+    code = ("from hoardrun.api.serve import serve; "
+            f"serve(server={server!r}, host='127.0.0.1', port={port}, workers={workers!r}, "
+            f"threads={threads})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, the POSIX form of Ctrl-C")
-def test_serve_starts_migrates_answers_and_stops_cleanly_on_ctrl_c(embedded_dir):
+@pytest.mark.parametrize("server", ["granian", "waitress"])
+def test_serve_starts_migrates_answers_and_stops_cleanly_on_ctrl_c(embedded_dir, server):
     """With no DATABASE_URL, as a newcomer runs it: on a PostgreSQL server it starts itself."""
     port = free_port()
     env = {**os.environ, **base_environ("", HOARDRUN_ENV="development",
                                         HOARDRUN_DATA_DIR=str(embedded_dir))}
     env.pop("DATABASE_URL")
-    code = ("from hoardrun.api.serve import serve; "
-            f"serve(host='127.0.0.1', port={port}, threads=8)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            # NOTE: a shell started without job control (CI) may hand us
-                            # SIGINT ignored; a terminal's Ctrl-C is what is tested here.
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = _start(env, port, server,
+                  # A terminal's Ctrl-C reaches the whole process group: the
+                  # server's own session, so killpg below is that keypress.
+                  start_new_session=True,
+                  # NOTE: a shell started without job control (CI) may hand us
+                  # SIGINT ignored; a terminal's Ctrl-C is what is tested here.
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        status = None
-        # Bounded wait for the socket: the embedded server is initialised and
-        # every migration applied first (seconds on a busy 2-core machine).
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/api/health/readiness")
-                resp = conn.getresponse()
-                status, body = resp.status, json.loads(resp.read())
-                conn.close()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.05)
+        status, body = _wait_ready(proc, port)
         assert status == 200, proc.stdout.read() if proc.poll() is not None else status
         assert body["status"] == "ready"  # development start applied the migrations
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     assert "applied" in out and "Serving on http://127.0.0.1:" in out and "stopped" in out
-    assert f"using the embedded PostgreSQL 18 server in {embedded_dir}" in out
+    assert f"on {server}:" in out and "connections of the" in out  # the pool plan line
+    # Started once, by the parent, before any worker: the workers got its URL.
+    assert out.count(f"using the embedded PostgreSQL 18 server in {embedded_dir}") == 1
+    assert out.count("applied ") == 1
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     # The server outlives the process that started it, ready for the next task.
     assert embedded.EmbeddedServer(embedded_dir).running_pid() is not None
+
+
+def _sessions(url):
+    """Other sessions on this test's database (nothing else of ours holds one here)."""
+    conn = __import__("psycopg2").connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is POSIX")
+@pytest.mark.parametrize("server, workers", [("granian", 2), ("waitress", 1)])
+def test_sigterm_stops_every_worker_and_closes_their_sessions(database_url, server, workers):
+    port = free_port()
+    dbm.close_db()
+    before = _sessions(database_url)
+    proc = _start({**os.environ, **base_environ(database_url)}, port, server, workers=workers)
+    try:
+        status, _ = _wait_ready(proc, port)
+        assert status == 200, proc.stdout.read() if proc.poll() is not None else status
+        children = psutil.Process(proc.pid).children(recursive=True)
+        if server == "granian":
+            assert len(children) == workers
+        # every worker answers and so holds a session of its own
+        for _ in range(20):
+            assert request(_Addr(port), "GET", "/api/health/database")[0] == 200
+        assert _sessions(database_url) > before
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "stopped" in out
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for _ in range(50):  # the backends end a moment after their clients said goodbye
+        if _sessions(database_url) == before:
+            break
+        time.sleep(0.1)
+    assert _sessions(database_url) == before
+
+
+class _Addr:
+    host = "127.0.0.1"
+
+    def __init__(self, port):
+        self.port = port
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="kills a worker with SIGKILL")
+def test_a_granian_worker_that_dies_is_replaced_and_requests_are_still_answered(database_url):
+    port = free_port()
+    proc = _start({**os.environ, **base_environ(database_url)}, port, "granian", workers=2)
+    try:
+        status, _ = _wait_ready(proc, port)
+        assert status == 200, proc.stdout.read() if proc.poll() is not None else status
+        before = {p.pid for p in psutil.Process(proc.pid).children()}
+        assert len(before) == 2
+        victim = sorted(before)[0]
+        os.kill(victim, signal.SIGKILL)
+        answered, replaced = 0, set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                answered += request(_Addr(port), "GET", "/api/health/liveness")[0] == 200
+            except OSError:
+                pass  # a connection the dead worker had accepted
+            now = {p.pid for p in psutil.Process(proc.pid).children()
+                   if p.status() != psutil.STATUS_ZOMBIE}
+            replaced = now - before
+            if replaced and len(now) == 2:
+                break
+            time.sleep(0.05)
+        assert replaced and victim not in now, "the dead worker was not replaced"
+        assert answered > 0  # the surviving worker kept answering meanwhile
+        # and the new worker serves too: enough requests to reach both
+        codes = [request(_Addr(port), "GET", "/api/health/database")[0] for _ in range(40)]
+        assert codes == [200] * 40
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, out
+    assert "Unexpected exit from worker" in out
