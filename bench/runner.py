@@ -574,7 +574,7 @@ def checks(report):
     """Each target of issue 12 item 4: (name, measured, target, passed, note)."""
     out = []
     full = report.get("ceilings", {}).get("full")
-    item2 = "item 2 (settlement hot row): fails until it lands"
+    item2 = "item 2: cash movements spread over settlement buckets (migration 009)"
     for run in report["runs"]:
         tag = f"[{run['server']} x{run['workers']}]"
         rows = {r["scenario"]: r for r in run["scenarios"]}
