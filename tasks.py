@@ -206,7 +206,7 @@ def _create_postgres_database_if_missing(settings):
         if exists:
             return False
         # Identifiers cannot be parameters; double quotes inside are doubled.
-        admin.execute_sql('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
+        admin.execute_alone('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
     except _database_errors():
         return False
     finally:
