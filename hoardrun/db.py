@@ -6,6 +6,7 @@ by peewee on first use and handed back by the request middleware, so a
 request that never touches the database never checks one out.
 """
 
+import contextlib
 import logging
 import select
 import threading
@@ -21,7 +22,38 @@ from .config import DEFAULT_COMMAND_TIMEOUT, SSL_MODES
 
 log = logging.getLogger(__name__)
 
-db = pw.DatabaseProxy()
+
+
+class _RoutingProxy(pw.DatabaseProxy):
+    """``db``: the primary, except in a thread inside ``reading_from(replica)``.
+
+    Everything that goes through the proxy (model queries, ``db.execute_sql``,
+    ``db.atomic``) uses the database this thread is routed to; ``db.obj`` is
+    always the primary (pool numbers, the connection the middleware hands
+    back, deferred writes).
+    """
+
+    __slots__ = ("_reads",)
+    _ATTRIBUTES = frozenset(pw.DatabaseProxy.__slots__) | {"_reads"}
+
+    def __init__(self):
+        self._reads = threading.local()
+        super().__init__()
+
+    def __setattr__(self, attr, value):
+        # peewee's Proxy checks the subclass's own __slots__ only.
+        if attr not in self._ATTRIBUTES:
+            raise AttributeError("Cannot set attribute on proxy.")
+        object.__setattr__(self, attr, value)
+
+    def __getattr__(self, attr):
+        routed = getattr(self._reads, "database", None)
+        if routed is not None:
+            return getattr(routed, attr)
+        return super().__getattr__(attr)
+
+
+db = _RoutingProxy()
 
 # A connection that came back to the pool less than this long ago is handed
 # out without a liveness round trip (PERFORMANCE.md: pinging every checkout
@@ -349,6 +381,25 @@ def driver_error(exc):
         if candidate is not None and not isinstance(candidate, str):
             return candidate
     return exc
+
+
+@contextlib.contextmanager
+def reading_from(database):
+    """Route this thread's queries through ``db`` to ``database`` (a replica) inside.
+
+    On the way out its connection goes back to that database's pool. Nested
+    use and writes are the caller's mistake (a standby refuses writes).
+    """
+    reads = db._reads
+    if getattr(reads, "database", None) is not None:
+        raise RuntimeError("reading_from() is already active in this thread")
+    reads.database = database
+    try:
+        yield database
+    finally:
+        reads.database = None
+        if not database.is_closed():
+            database.close()
 
 
 def execute_deferred(sql, params=()):

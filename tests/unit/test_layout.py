@@ -20,7 +20,7 @@ LAYERS = (
                   "investments", "movements", "users", "sample", "backup", "verification"}),
     ("ledger", {"ledger"}),
     ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail"}),
-    ("db", {"db", "embedded"}),
+    ("db", {"db", "embedded", "replicas"}),
     ("base", {"config", "errors", "money", "__init__"}),
 )
 
