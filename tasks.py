@@ -206,7 +206,7 @@ def _create_postgres_database_if_missing(settings):
         if exists:
             return False
         # Identifiers cannot be parameters; double quotes inside are doubled.
-        admin.execute_sql('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
+        admin.execute_alone('CREATE DATABASE "{}"'.format(name.replace('"', '""')))
     except _database_errors():
         return False
     finally:
@@ -275,11 +275,12 @@ def _serve_plan(settings):
     return f"invoke serve (granian, defaults): {plan.describe()}"
 
 
-@task(help={"verbose": "also show environment, live pool numbers, timeouts and each migration"})
+@task(help={"verbose": "also show environment, live pool numbers, timeouts, each read replica "
+                         "with its lag, and each migration"})
 def check(c, verbose=False):
     """Report connection, server, pool, SSL and migrations; exit 1 when not healthy."""
     from hoardrun import db as dbm
-    from hoardrun import embedded
+    from hoardrun import embedded, replicas
 
     with _database() as (settings, database):
         version = dbm.server_version()
@@ -287,6 +288,11 @@ def check(c, verbose=False):
         applied, pending, unknown = _migration_state(database)
         live = dbm.pool_info()
         serve_plan = _serve_plan(settings) if verbose else None
+        replica_set = replicas.configure(settings)
+        try:
+            replica_reports = replica_set.report() if verbose else []
+        finally:
+            replica_set.close()
     print(f"database:   {settings.masked_database_url}")
     print(f"server:     {version}" + (f" (embedded, data in {embedded.data_directory(settings.data_dir)})"
                                       if settings.embedded else ""))
@@ -300,6 +306,14 @@ def check(c, verbose=False):
               f" {live['overflow']} overflow")
         print(f"timeouts:   connect {settings.connect_timeout}s, statement {settings.command_timeout}s")
         print(f"serving:    {serve_plan}")
+        print(f"replicas:   {len(settings.replica_urls) or 'none'}"
+              + (f" (max lag {settings.replica_max_lag:g}s)" if settings.replica_urls else ""))
+        for report in replica_reports:
+            lag = "unknown" if report["lag_seconds"] is None else f"{report['lag_seconds']:g}s"
+            state = "ok" if report["healthy"] else "not used"
+            print(f"  {report['url']}: {state}, lag {lag}"
+                  + (f", replayed to {report['replay_lsn']}" if report["replay_lsn"] else "")
+                  + (f" ({report['error']})" if report["error"] else ""))
     if settings.embedded:
         print("ssl:        not needed (embedded server on a local Unix socket or loopback)")
     else:

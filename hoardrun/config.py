@@ -48,6 +48,7 @@ DEFAULT_SMTP_TIMEOUT = 10.0
 DEFAULT_MAIL_FROM = "HoardRun <no-reply@hoardrun.localhost>"
 DEFAULT_VERIFICATION_TTL = 24 * 3600
 DEFAULT_RESET_TTL = 3600
+DEFAULT_REPLICA_MAX_LAG = 1.0
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -96,6 +97,9 @@ class Settings:
     mail_from: str = DEFAULT_MAIL_FROM
     verification_ttl: int = DEFAULT_VERIFICATION_TTL
     reset_ttl: int = DEFAULT_RESET_TTL
+    #: Streaming standbys for read-only routes (``hoardrun.replicas``); repr masks them.
+    replica_urls: tuple = field(default=(), repr=False)
+    replica_max_lag: float = DEFAULT_REPLICA_MAX_LAG
 
     @property
     def is_production(self):
@@ -120,6 +124,7 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
         values["database_url"] = mask_url(self.database_url)
         values["smtp_url"] = None if self.smtp_url is None else mask_url(self.smtp_url)
+        values["replica_urls"] = tuple(mask_url(u) for u in self.replica_urls)
         return "Settings({})".format(", ".join(f"{k}={v!r}" for k, v in values.items()))
 
 
@@ -208,24 +213,47 @@ def _database_url(environ, env):
             raise ConfigError(
                 "DATABASE_URL is not set: production requires a postgresql:// URL")
         return "", True
+    return _postgres_url("DATABASE_URL", raw), False
+
+
+def _postgres_url(name, raw):
+    """``raw`` checked as a postgresql:// URL (scheme lower-cased); ConfigError names ``name``."""
     scheme = raw.split(":", 1)[0].lower() if ":" in raw else ""
     if scheme == "sqlite":
         raise ConfigError(
-            f"DATABASE_URL={mask_url(raw)!r} is not valid: SQLite is not supported any more; "
+            f"{name}={mask_url(raw)!r} is not valid: SQLite is not supported any more; "
             "unset DATABASE_URL to use the embedded PostgreSQL server, or give a "
             "postgresql:// URL")
     if scheme not in URL_SCHEMES:
-        raise _bad("DATABASE_URL", raw, "a postgresql://user@host:port/database URL")
+        raise _bad(name, raw, "a postgresql://user@host:port/database URL")
     # Schemes are case-insensitive (RFC 3986): PostgreSQL:// is postgresql://.
     raw = scheme + raw[len(scheme):]
     parts = urlsplit(raw)
     if not parts.hostname and not parts.path.strip("/") and "host=" not in parts.query:
-        raise _bad("DATABASE_URL", raw, "postgresql://user@host:port/database")
+        raise _bad(name, raw, "postgresql://user@host:port/database")
     try:
         parts.port
     except ValueError:
-        raise _bad("DATABASE_URL", raw, "a port between 1 and 65535") from None
-    return raw, False
+        raise _bad(name, raw, "a port between 1 and 65535") from None
+    return raw
+
+
+def _replica_urls(environ, primary_url):
+    """DATABASE_REPLICA_URLS: comma-separated postgresql:// URLs of streaming standbys."""
+    raw = (environ.get("DATABASE_REPLICA_URLS") or "").strip()
+    if not raw:
+        return ()
+    urls = tuple(_postgres_url("DATABASE_REPLICA_URLS", part.strip())
+                 for part in raw.split(",") if part.strip())
+    if not primary_url:
+        raise ConfigError("DATABASE_REPLICA_URLS is set but DATABASE_URL is not: replicas "
+                          "need the primary they replicate named in DATABASE_URL")
+    if len(set(urls)) != len(urls):
+        raise ConfigError("DATABASE_REPLICA_URLS lists the same URL twice")
+    if primary_url in urls:
+        raise ConfigError("DATABASE_REPLICA_URLS lists DATABASE_URL itself: name only the "
+                          "standbys")
+    return urls
 
 
 def _smtp_url(environ, env):
@@ -502,6 +530,8 @@ def load_settings(environ=None):
         verification_ttl=_int(environ, "HOARDRUN_VERIFICATION_TTL", DEFAULT_VERIFICATION_TTL,
                               minimum=60),
         reset_ttl=_int(environ, "HOARDRUN_RESET_TTL", DEFAULT_RESET_TTL, minimum=60),
+        replica_urls=_replica_urls(environ, url),
+        replica_max_lag=_float(environ, "DATABASE_REPLICA_MAX_LAG", DEFAULT_REPLICA_MAX_LAG),
     )
     if settings.is_production:
         _check_production_secrets(settings.secret_key, settings.card_keys)

@@ -6,6 +6,7 @@ by peewee on first use and handed back by the request middleware, so a
 request that never touches the database never checks one out.
 """
 
+import contextlib
 import logging
 import select
 import threading
@@ -18,12 +19,43 @@ import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
 from playhouse.pool import _PooledPostgresqlDatabase
 
-from .config import SSL_MODES
+from .config import DEFAULT_COMMAND_TIMEOUT, SSL_MODES
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-db = pw.DatabaseProxy()
+
+
+class _RoutingProxy(pw.DatabaseProxy):
+    """``db``: the primary, except in a thread inside ``reading_from(replica)``.
+
+    Everything that goes through the proxy (model queries, ``db.execute_sql``,
+    ``db.atomic``) uses the database this thread is routed to; ``db.obj`` is
+    always the primary (pool numbers, the connection the middleware hands
+    back, deferred writes).
+    """
+
+    __slots__ = ("_reads",)
+    _ATTRIBUTES = frozenset(pw.DatabaseProxy.__slots__) | {"_reads"}
+
+    def __init__(self):
+        self._reads = threading.local()
+        super().__init__()
+
+    def __setattr__(self, attr, value):
+        # peewee's Proxy checks the subclass's own __slots__ only.
+        if attr not in self._ATTRIBUTES:
+            raise AttributeError("Cannot set attribute on proxy.")
+        object.__setattr__(self, attr, value)
+
+    def __getattr__(self, attr):
+        routed = getattr(self._reads, "database", None)
+        if routed is not None:
+            return getattr(routed, attr)
+        return super().__getattr__(attr)
+
+
+db = _RoutingProxy()
 
 # A connection that came back to the pool less than this long ago is handed
 # out without a liveness round trip (PERFORMANCE.md: pinging every checkout
@@ -32,6 +64,19 @@ PRE_PING_IDLE_SECONDS = 1.0
 
 #: Errors that mean "the database is not there right now" (503, not 500).
 UNAVAILABLE_ERRORS = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExceeded)
+
+
+def transaction_settings(command_timeout):
+    """The ``SET LOCAL`` statements every transaction starts with.
+
+    UTC, so whatever the server renders in time is UTC; the statement
+    timeout (``DATABASE_COMMAND_TIMEOUT`` seconds, 0 = none) is enforced by
+    the server, so a runaway query is cancelled even if this process is
+    stuck. Per transaction rather than per session (a connection option):
+    behind a transaction-mode pooler a session is not ours to configure.
+    """
+    return (f"SET LOCAL statement_timeout = {int(command_timeout) * 1000}; "
+            "SET LOCAL timezone = 'UTC'")
 
 
 class UTCDateTimeField(pw.Field):
@@ -123,26 +168,15 @@ class _PrePingMixin:
         }
 
 
-class _PreparedStatements(pw.PostgresqlDatabase):
-    """Runs the registered PREPAREs on each new physical connection.
-
-    It sits below the pool in the MRO, so it sees only connections the pool
-    creates, never the ones it hands out again.
-    """
-
-    def _connect(self):
-        conn = super()._connect()
-        if PostgresDatabase.prepared:
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("; ".join(PostgresDatabase.prepared.values()))
-            except Exception:  # e.g. tables not migrated yet: execute_prepared retries
-                log.debug("prepared statements deferred to first use", exc_info=True)
-        return conn
-
-
-class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, _PreparedStatements):
+class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, pw.PostgresqlDatabase):
     """Pooled PostgreSQL with pre-ping, overflow and piggybacked transaction control.
+
+    No session state: every transaction carries its own settings (``SET
+    LOCAL`` of the UTC time zone and the statement timeout, sent with its
+    BEGIN, or in front of a statement run on its own), and nothing is
+    prepared, locked, created or listened to across transactions. So a
+    transaction-mode pooler (PgBouncer ``pool_mode = transaction``) may hand
+    each transaction to a different server session.
 
     Round trips, not SQL, are the cost on the money path (PERFORMANCE.md), so
     statements that return nothing anybody reads are not sent on their own:
@@ -156,19 +190,9 @@ class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, _PreparedStatem
 
     _SAVEPOINT_PREFIXES = ("SAVEPOINT ", "RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOINT ")
 
-    #: name -> PREPARE statement, run once on each new physical connection.
-    #: For statements on every request (PERFORMANCE.md item 3): the server
-    #: plans them once per connection instead of on every call. Register with
-    #: ``prepare()`` at import time; call with ``EXECUTE name(...)``.
-    prepared = {}
-
-    @classmethod
-    def prepare(cls, name, parameter_types, sql):
-        """Register ``sql`` (with $1, $2 … placeholders) as prepared statement ``name``."""
-        cls.prepared[name] = f"PREPARE {name} ({', '.join(parameter_types)}) AS {sql}"
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, command_timeout=DEFAULT_COMMAND_TIMEOUT, **kwargs):
         self._queued = threading.local()
+        self.transaction_settings = transaction_settings(command_timeout)
         super().__init__(*args, **kwargs)
 
     def _queue(self):
@@ -187,9 +211,9 @@ class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, _PreparedStatem
         if self.is_closed():
             self.connect()
         level = isolation_level or self._isolation_level
-        self._queue().append((False, (
-            f"BEGIN TRANSACTION ISOLATION LEVEL {self._adapter.isolation_level_str(level)}"
-            if level else "BEGIN")))
+        begin = (f"BEGIN TRANSACTION ISOLATION LEVEL {self._adapter.isolation_level_str(level)}"
+                 if level else "BEGIN")
+        self._queue().append((False, f"{begin}; {self.transaction_settings}"))
 
     def defer(self, sql, params=()):
         """Send a write whose result nobody reads with the transaction's next statement.
@@ -214,7 +238,22 @@ class PostgresDatabase(_PrePingMixin, _PooledPostgresqlDatabase, _PreparedStatem
             # read the whole string as a template because params are passed.
             sql = self._joined(queue).replace("%", "%%") + "; " + sql
             queue.clear()
+        elif not self.in_transaction():
+            # On its own the statement is its own (implicit) transaction, and
+            # so are the settings sent in front of it in the same string.
+            sql = f"{self.transaction_settings}; {sql}"
         return super().execute_sql(sql, params, *args, **kwargs)
+
+    def execute_alone(self, sql):
+        """Run ``sql`` exactly as given, outside any transaction block.
+
+        For the few commands PostgreSQL refuses inside one (CREATE DATABASE,
+        VACUUM, … ``CONCURRENTLY``), which the settings ``execute_sql``
+        puts in front of a statement would make a block of two.
+        """
+        if self.in_transaction():
+            raise RuntimeError("execute_alone() inside a transaction")
+        return super().execute_sql(sql)
 
     def commit(self):
         queue = self._queue()
@@ -292,10 +331,9 @@ def _postgres_params(settings):
         "sslmode": _stricter_ssl_mode(params.get("sslmode"), settings.ssl_mode),
         "connect_timeout": settings.connect_timeout,
         "application_name": "hoardrun",
-        # UTC sessions: timestamps are read back in UTC; the statement
-        # timeout is enforced by the server, so a runaway query is cancelled
-        # even if this process is stuck.
-        "options": f"-c timezone=UTC -c statement_timeout={settings.command_timeout * 1000}",
+        # NOTE: no "options" (-c timezone=... -c statement_timeout=...): a
+        # pooler refuses or drops that startup parameter, and what it set
+        # would be session state. PostgresDatabase sends both per transaction.
     })
     for key, value in (("sslrootcert", settings.ssl_root_cert), ("sslcert", settings.ssl_cert),
                        ("sslkey", settings.ssl_key), ("sslcrl", settings.ssl_crl)):
@@ -325,6 +363,7 @@ def build_database(settings):
         stale_timeout=settings.pool_recycle,
         timeout=settings.pool_timeout or None,
         autorollback=False,
+        command_timeout=settings.command_timeout,
         **params,
     )
 
@@ -346,21 +385,23 @@ def driver_error(exc):
     return exc
 
 
-def execute_prepared(name, params):
-    """Run the statement registered as ``name`` with ``PostgresDatabase.prepare``.
+@contextlib.contextmanager
+def reading_from(database):
+    """Route this thread's queries through ``db`` to ``database`` (a replica) inside.
 
-    A connection opened before the statement was registered prepares it on
-    first use (outside a transaction, where a failed statement costs nothing).
+    On the way out its connection goes back to that database's pool. Nested
+    use and writes are the caller's mistake (a standby refuses writes).
     """
-    database = db.obj
-    sql = f"EXECUTE {name}({', '.join(['%s'] * len(params))})"
+    reads = db._reads
+    if getattr(reads, "database", None) is not None:
+        raise RuntimeError("reading_from() is already active in this thread")
+    reads.database = database
     try:
-        return database.execute_sql(sql, params)
-    except pw.DatabaseError as exc:
-        if getattr(driver_error(exc), "pgcode", None) != "26000" or database.in_transaction():
-            raise
-        database.execute_sql(PostgresDatabase.prepared[name])
-        return database.execute_sql(sql, params)
+        yield database
+    finally:
+        reads.database = None
+        if not database.is_closed():
+            database.close()
 
 
 def execute_deferred(sql, params=()):

@@ -18,7 +18,7 @@ import peewee as pw
 import psutil
 
 from . import db as dbm
-from . import schema
+from . import replicas, schema
 from .clock import utcnow
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,18 @@ class Health:
             report["error"] = self.describe(exc)
         report["pool_info"] = dbm.pool_info()
         return report
+
+    def replicas(self):
+        """Each read replica: masked URL, healthy, lag in seconds, replay position, error.
+
+        A fresh check, not the cached one reads use; empty without replicas.
+        """
+        reports = replicas.current().report()
+        for report in reports:
+            if report["error"]:
+                for secret in self._secrets:
+                    report["error"] = report["error"].replace(secret, "***")
+        return reports
 
     def pending_migrations(self):
         """Migrations on disk not applied yet (all of them on an empty database).

@@ -20,6 +20,7 @@ from .. import accounts
 from ..auth import utcnow
 from ..models import ACCOUNT_STATUSES, ACCOUNT_TYPES
 from ..money import format_amount
+from .middleware import replica_reads
 from .openapi import BEARER, Problem, spec
 
 API_PREFIX = "/api/v1"
@@ -106,6 +107,7 @@ class Accounts:
 
     @spec.validate(resp=Response(HTTP_200=AccountList, HTTP_401=Problem), security=BEARER,
                    tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp):
         """List my accounts, oldest first (closed ones too, by status)."""
         resp.media = {"items": [render_account(a)

@@ -15,7 +15,7 @@ import time
 
 import falcon
 
-from .. import __version__, embedded
+from .. import __version__, embedded, replicas
 from ..config import load_settings
 from ..db import init_db
 from ..mail import Mailer
@@ -66,6 +66,8 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None, mailer=
     metrics, observer = metrics_routes.install(settings)
     if observer is not None:
         middleware.insert(0, observer)  # outermost: times and counts everything
+    # Read-only routes may read from these (api/middleware.py replica_reads).
+    replicas.configure(settings, monotonic=monotonic)
     app = falcon.App(middleware=middleware)
     media.configure(app)
     problems.install(app)

@@ -16,6 +16,7 @@ from spectree import Response
 from .. import cards
 from ..money import format_amount
 from .idempotency import IdempotencyHeaders, idempotent
+from .middleware import replica_reads
 from .openapi import BEARER, Problem, spec
 
 TAGS = ["cards"]
@@ -191,6 +192,7 @@ class Cards:
 
     @spec.validate(query=CardListQuery, resp=Response(HTTP_200=CardList, **_ERRORS),
                    security=BEARER, tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp):
         """List my cards (masked), newest first (cursor pagination)."""
         query = req.context.query

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Literal
 
 import falcon
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from spectree import Response
 
 from ..health import SERVICE
@@ -74,6 +74,15 @@ class Dependencies(BaseModel):
     database: bool
 
 
+class ReplicaInfo(BaseModel):
+    url: str = Field(description="DATABASE_REPLICA_URLS entry, credentials masked")
+    healthy: bool = Field(description="Answering, a standby, and within DATABASE_REPLICA_MAX_LAG")
+    lag_seconds: float | None = Field(description="Replay lag; 0 when it has replayed all "
+                                      "the primary has written; null when unknown")
+    replay_lsn: str | None
+    error: str | None
+
+
 class DetailedHealth(BaseModel):
     status: Literal["healthy", "degraded"]
     timestamp: datetime
@@ -84,6 +93,8 @@ class DetailedHealth(BaseModel):
     system: SystemInfo
     dependencies: Dependencies
     database: DatabaseBlock
+    replicas: list[ReplicaInfo] = Field(description="Read replicas (DATABASE_REPLICA_URLS); "
+                                        "a replica that is down does not degrade the status")
 
 
 class DatabaseHealth(BaseModel):
@@ -161,6 +172,7 @@ class HealthDetailed:
             "system": self.health.system(),
             "dependencies": {"database": ok},
             "database": database,
+            "replicas": self.health.replicas(),
         }
 
 

@@ -20,6 +20,7 @@ from .. import cursors, history
 from ..auth import utcnow
 from ..models import DIRECTIONS, ENTRY_STATUSES, ENTRY_TYPES
 from ..money import format_amount
+from .middleware import replica_reads
 from .openapi import BEARER, Problem, spec
 
 API_PREFIX = "/api/v1"
@@ -169,6 +170,7 @@ class AccountTransactions:
     @spec.validate(query=EntryQuery,
                    resp=Response(HTTP_200=EntryList, HTTP_422=Problem, **_ERRORS),
                    security=BEARER, tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp, account_id):
         """The entries on one of my accounts, newest first, filtered and paginated."""
         q = req.context.query
@@ -190,6 +192,7 @@ class Statement:
     @spec.validate(query=StatementQuery,
                    resp=Response(HTTP_200=StatementOut, HTTP_422=Problem, **_ERRORS),
                    security=BEARER, tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp, account_id):
         """Opening balance, totals in and out by type, closing balance and entry count.
 
@@ -257,6 +260,7 @@ class Transaction:
     """``GET /transactions/{transaction_id}``."""
 
     @spec.validate(resp=Response(HTTP_200=EntryOut, **_ERRORS), security=BEARER, tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp, transaction_id):
         """One entry on one of my accounts."""
         resp.media = render_entry(history.entry(req.context.user.id, transaction_id))

@@ -15,6 +15,7 @@ from spectree import Response
 from .. import investments
 from ..money import format_amount
 from .idempotency import IdempotencyHeaders, idempotent
+from .middleware import replica_reads
 from .openapi import BEARER, Problem, spec
 
 TAGS = ["investments"]
@@ -147,6 +148,7 @@ class Holdings:
 
     @spec.validate(resp=Response(HTTP_200=HoldingList, HTTP_401=Problem), security=BEARER,
                    tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp):
         """List my holdings (quantity above zero), by symbol, valued at current prices."""
         resp.media = {"items": [render_holding(h)

@@ -21,6 +21,7 @@ first use, so routes that never touch the database (liveness, docs) never
 check one out (PERFORMANCE.md item 4).
 """
 
+import functools
 import logging
 import re
 import time
@@ -29,11 +30,12 @@ import uuid
 import falcon
 
 from .. import db as dbm
-from .. import idempotency
+from .. import idempotency, replicas
 
 access_log = logging.getLogger("hoardrun.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -88,6 +90,11 @@ class RequestContext:
                             "application/json.")
 
     def process_response(self, req, resp, resource, req_succeeded):
+        user = getattr(req.context, "user", None)
+        if user is not None and req.method not in SAFE_METHODS:
+            # Read-your-writes: whatever this request wrote, the caller's next
+            # read waits for a replica that has it (hoardrun.replicas).
+            replicas.current().wrote(user.id)
         try:
             dbm.release_connection()
         finally:
@@ -103,6 +110,31 @@ class RequestContext:
                 request_id,
                 extra={"method": req.method, "path": path, "status": status,
                        "duration_ms": round(duration_ms, 3), "request_id": request_id})
+
+
+def replica_reads(responder):
+    """Let a read-only responder's queries come from a replica fresh enough for the caller.
+
+    ``hoardrun.replicas.choose`` picks one (or None: the primary) without a
+    round trip. If the replica fails the read (down, or a query cancelled by
+    recovery), it is marked down and the responder runs again on the
+    primary: the caller never sees a replica's failure. Only for responders
+    that write nothing: a standby refuses writes, and that stays a 500.
+    Sits below ``spec.validate``, so the query string is parsed once.
+    """
+    @functools.wraps(responder)
+    def read(resource, req, resp, *args, **kwargs):
+        replica_set = replicas.current()
+        user = getattr(req.context, "user", None)
+        replica = replica_set.choose(user.id if user else None) if replica_set else None
+        if replica is not None:
+            try:
+                with dbm.reading_from(replica.database):
+                    return responder(resource, req, resp, *args, **kwargs)
+            except dbm.UNAVAILABLE_ERRORS as error:
+                replica_set.failed(replica, error)
+        return responder(resource, req, resp, *args, **kwargs)
+    return read
 
 
 class CORS(falcon.CORSMiddleware):

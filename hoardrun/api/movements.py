@@ -21,6 +21,7 @@ from ..models import MOVEMENT_STATUSES
 from ..money import format_amount
 from .history import CounterpartyOut, EntryOut, render_counterparty, render_entry
 from .idempotency import IdempotencyHeaders, idempotent
+from .middleware import replica_reads
 from .openapi import BEARER, Problem, spec
 
 API_PREFIX = "/api/v1"
@@ -285,6 +286,7 @@ class Transfers:
     @spec.validate(query=TransferQuery, resp=Response(HTTP_200=TransferList, HTTP_401=Problem,
                                                       HTTP_422=Problem),
                    security=BEARER, tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp):
         """My transfers, newest first (cursor pagination)."""
         q = req.context.query
@@ -338,6 +340,7 @@ class P2PPayments:
     @spec.validate(query=P2PQuery, resp=Response(HTTP_200=P2PList, HTTP_401=Problem,
                                                  HTTP_422=Problem),
                    security=BEARER, tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp):
         """P2P payments I sent or received, newest first (cursor pagination)."""
         q = req.context.query

@@ -10,6 +10,7 @@ from spectree import Response
 
 from .. import investments
 from ..models import INVESTMENT_TYPES
+from .middleware import replica_reads
 from .openapi import BEARER, Problem, spec
 
 TAGS = ["prices"]
@@ -50,6 +51,7 @@ class Prices:
 
     @spec.validate(resp=Response(HTTP_200=PriceList, HTTP_401=Problem), security=BEARER,
                    tags=TAGS)
+    @replica_reads
     def on_get(self, req, resp):
         """The sandbox price list, by symbol."""
         resp.media = {"items": [render_price(row) for row in investments.list_prices()]}

@@ -9,6 +9,8 @@ port with trust authentication, its unix socket inside that directory::
         url = pg.create_database("app") # postgresql://postgres@127.0.0.1:<port>/app
         pg.stop(); pg.start()           # a real outage and recovery
         pg.restart(ssl=True)            # settings given to start() win until changed
+        with PgInstance.standby_of(pg) as standby:  # pg_basebackup -R -C -S standby
+            ...                         # a hot standby streaming from pg, started
 
 PostgreSQL refuses to run as root, and CI runs as root: then every server
 binary is run through ``runuser -u <account> --`` in a directory under /tmp
@@ -157,6 +159,30 @@ class PgInstance:
         finally:
             self.running = False
             shutil.rmtree(self.root, ignore_errors=True)
+
+    @classmethod
+    def standby_of(cls, primary, *, slot="standby"):
+        """A streaming standby of ``primary`` (started with ``wal_level=replica``), not started.
+
+        ``pg_basebackup -R`` with a new physical replication slot copies the
+        cluster and writes ``standby.signal``; the connection and slot are
+        kept as settings here, because ``start()`` rewrites
+        ``postgresql.auto.conf``. Start it (``with standby:`` or ``start()``).
+        """
+        standby = cls(bindir=primary.bindir, settings={
+            "primary_conninfo": f"'host={primary.host} port={primary.port} user={SERVER_USER}'",
+            "primary_slot_name": f"'{slot}'",
+            "hot_standby": "on",
+        })
+        try:
+            standby._server_cmd("pg_basebackup", "-h", primary.host, "-p", primary.port,
+                                "-U", SERVER_USER, "-D", standby.datadir, "-R", "-X", "stream",
+                                "-C", "-S", slot, "--checkpoint=fast", "--no-sync")
+        except BaseException:
+            standby.close()
+            raise
+        standby._initialised = True
+        return standby
 
     # -- using it -----------------------------------------------------------
     def url(self, database="postgres", *, user=SERVER_USER, password=None, **query):

@@ -104,7 +104,7 @@ def test_begin_savepoint_and_audit_ride_along(sent):
         from hoardrun import audit
         audit.record("test.ride", "test")
     assert len(sent) == 2
-    assert sent[0].startswith("BEGIN; SAVEPOINT")
+    assert sent[0].startswith("BEGIN; SET LOCAL") and "; SAVEPOINT" in sent[0]
     assert "INSERT INTO audit_log" in sent[1] and sent[1].endswith("COMMIT")
     assert AuditLog.select().where(AuditLog.action == "test.ride").count() == 1
 
@@ -127,7 +127,8 @@ def test_a_keyed_transfer_costs_three_round_trips(client, make_user, sent):
                                key=uuid.uuid4().hex)
         assert result.status_code == 201, result.text
         assert len(sent) == 3, sent
-    assert sent[1].startswith("BEGIN; SELECT * FROM hoardrun_transfer")
+    assert sent[1].startswith("BEGIN; SET LOCAL statement_timeout")
+    assert "SELECT * FROM hoardrun_transfer" in sent[1]
     assert sent[2].endswith("COMMIT")
     assert "INSERT INTO audit_log" in sent[2] and "INSERT INTO idempotency_keys" in sent[2]
 
@@ -145,16 +146,36 @@ def test_a_keyed_deposit_costs_three_round_trips_like_a_transfer(client, make_us
                                {"amount": "0.50"}, key=uuid.uuid4().hex)
         assert result.status_code == 201, result.text
         assert len(sent) == 3, sent
-        assert sent[1].startswith("BEGIN; SELECT * FROM hoardrun_cash")
+        assert sent[1].startswith("BEGIN; SET LOCAL") and "SELECT * FROM hoardrun_cash" in sent[1]
         assert "INSERT INTO idempotency_keys" in sent[2] and sent[2].endswith("COMMIT")
 
 
-def test_a_connection_without_the_prepared_lookup_prepares_it_on_use(client, make_user):
-    """A pooled connection that lost its prepared statements (or predates them) recovers."""
-    from hoardrun import auth
+@pytest.fixture
+def one_second_timeout(environ):
+    """The database with DATABASE_COMMAND_TIMEOUT=1, bound to ``db``."""
+    from hoardrun.config import load_settings
 
-    person = make_user()
-    db.execute_sql("DEALLOCATE ALL")
-    assert auth.authenticate(person.token).id == person.id
-    names = [row[0] for row in db.execute_sql("SELECT name FROM pg_prepared_statements")]
-    assert "hoardrun_authenticate" in names
+    database = dbm.init_db(load_settings({**environ, "DATABASE_COMMAND_TIMEOUT": "1"}))
+    yield database
+    database.close_all()
+
+
+def test_every_transaction_carries_utc_and_the_statement_timeout(one_second_timeout):
+    """Per transaction, not per session: a transaction-mode pooler keeps no session of ours."""
+    def show():
+        return (db.execute_sql("SHOW timezone").fetchone()[0],
+                db.execute_sql("SHOW statement_timeout").fetchone()[0])
+
+    assert show() == ("UTC", "1s")  # each statement on its own
+    with db.atomic():
+        assert show() == ("UTC", "1s")
+    with pytest.raises(pw.OperationalError, match="statement timeout"):
+        db.execute_sql("SELECT pg_sleep(3)")
+    with pytest.raises(pw.OperationalError, match="statement timeout"):
+        with db.atomic():
+            db.execute_sql("SELECT pg_sleep(3)")
+    # The session itself was never changed: a bare statement (no settings in
+    # front) sees the server's own statement_timeout, not ours.
+    with db.connection().cursor() as cur:
+        cur.execute("SHOW statement_timeout")
+        assert cur.fetchone()[0] != "1s"

@@ -389,3 +389,35 @@ def test_a_missing_multiprocess_directory_is_one_line(env, tmp_path):
     with pytest.raises(ConfigError) as info:
         load_settings(dict(env, HOARDRUN_METRICS="true", PROMETHEUS_MULTIPROC_DIR=missing))
     assert f"PROMETHEUS_MULTIPROC_DIR={missing!r} is not valid" in str(info.value)
+
+
+def test_replica_urls_and_max_lag(env):
+    s = load_settings({**env, "DATABASE_URL": PG})
+    assert (s.replica_urls, s.replica_max_lag) == ((), 1.0)
+    replica = "postgresql://hoard:Sup3rS3cret@replica-1.internal:5432/hoardrun"
+    s = load_settings({**env, "DATABASE_URL": PG, "DATABASE_REPLICA_MAX_LAG": "2.5",
+                       "DATABASE_REPLICA_URLS": f" {replica} , POSTGRES://replica-2/hoardrun,"})
+    assert s.replica_urls == (replica, "postgres://replica-2/hoardrun")
+    assert s.replica_max_lag == 2.5
+    assert "Sup3rS3cret" not in repr(s)
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"DATABASE_REPLICA_URLS": "mysql://replica/db"},
+     "DATABASE_REPLICA_URLS='mysql://replica/db' is not valid: expected a postgresql://"),
+    ({"DATABASE_REPLICA_URLS": "postgresql://r/db,postgresql://r/db"}, "the same URL twice"),
+    ({"DATABASE_REPLICA_URLS": PG}, "lists DATABASE_URL itself"),
+    ({"DATABASE_REPLICA_MAX_LAG": "soon"},
+     "DATABASE_REPLICA_MAX_LAG='soon' is not valid: expected a number of seconds >= 0"),
+    ({"DATABASE_REPLICA_MAX_LAG": "-1"}, "DATABASE_REPLICA_MAX_LAG='-1' is not valid"),
+])
+def test_bad_replica_settings_are_one_line(env, extra, says):
+    with pytest.raises(ConfigError) as error:
+        load_settings({**env, "DATABASE_URL": PG, **extra})
+    assert says in str(error.value) and "\n" not in str(error.value)
+    assert "Sup3rS3cret" not in str(error.value)
+
+
+def test_replicas_need_a_primary_url(env):
+    with pytest.raises(ConfigError, match="DATABASE_REPLICA_URLS is set but DATABASE_URL is not"):
+        load_settings({**env, "DATABASE_REPLICA_URLS": "postgresql://replica/db"})

@@ -22,7 +22,7 @@ LAYERS = (
     ("ledger", {"ledger", "chain"}),
     ("models", {"models", "schema", "audit", "cursors", "ids", "security", "text", "mail",
                 "roles"}),
-    ("db", {"db", "embedded"}),
+    ("db", {"db", "embedded", "replicas"}),
     ("base", {"config", "errors", "money", "clock", "__init__"}),
 )
 
