@@ -121,6 +121,20 @@ def test_a_reversed_refund_gave_nothing_back(client, jane, admin, card, card_acc
     assert ledger.verify() == []
 
 
+def test_a_refund_stays_once_its_payment_was_reversed(client, jane, admin, card, card_account):
+    """Found by attacking the API: the same three steps gave two balances, by their order."""
+    paid = card_pay(client, jane, card["id"], "30.00")
+    refunded = ok(card_refund(client, jane, card["id"], paid["id"], "10.00"), 201)
+    entries = ok(reverse(client, admin, paid["id"]), 200)["entries"]
+    assert {e["amount"] for e in entries} == {"20.00"}  # what the refund had not given back
+    assert balance(client, jane, card_account) == "1000.00"
+    # Taking the refund back now would make a fully reversed payment cost 10.00.
+    body = problem(reverse(client, admin, refunded["id"]), 422, "reversal-not-allowed")
+    assert "reversed" in body["detail"]
+    assert balance(client, jane, card_account) == "1000.00"
+    assert ledger.verify() == []
+
+
 # --------------------------------------------------------------------------
 # 2. Reversing an investment order moves only the cash
 
