@@ -247,6 +247,28 @@ def find_recipients(sender_id, targets):
     return found
 
 
+def _sender_can_pay(account_id, amount, account_currency, currency):
+    """Refuse, before the recipient is looked up, what the sender's side alone refuses.
+
+    Otherwise "insufficient funds" or "currency mismatch" for a registered
+    recipient against "not found" for an unknown one would tell a stranger who
+    is registered, without moving a cent. Read without a lock: the ledger
+    checks again under its locks (a payment racing another can still fail
+    there, which reveals nothing the race did not).
+    """
+    if currency is not None and currency != account_currency:
+        raise errors.CurrencyMismatch(
+            f"currency mismatch: the source account holds {account_currency}, not {currency}",
+            field="currency")
+    status, enough = db.execute_sql(
+        "SELECT status, hoardrun_funds_ok(id, balance, overdraft_limit, %s, now()) "
+        "FROM accounts WHERE id = %s", (amount, account_id.hex)).fetchone()
+    if status != "active":
+        raise errors.AccountNotActive(f"the source account is {status}", field="from_account_id")
+    if not enough:
+        raise errors.InsufficientFunds("insufficient funds", field="amount")
+
+
 def _primary_account(user_id):
     row = db.execute_sql(
         "SELECT id FROM accounts WHERE user_id = %s AND is_primary = %s",
@@ -272,6 +294,7 @@ def p2p(user_id, amount, *, recipient_email=None, recipient_user_id=None,
                   else _id(from_account_id, "from_account_id"))
         source_currency = _account_currency(user_id, source, "from_account_id")
         minor = parse_amount(amount, source_currency)
+        _sender_can_pay(source, minor, source_currency, currency)
         recipient, name, recipient_account = find_recipient(
             user_id, email=recipient_email, user_id=recipient_user_id,
             currency=source_currency)

@@ -395,3 +395,25 @@ def test_lists_of_transfers_and_payments_show_what_i_made(client, jane, john):
                                   params={"direction": "sent"}), 200)["items"] == []
     assert ok(client.simulate_get(f"{API}/transfers", headers=john.headers), 200)["items"] == []
     assert ledger.verify() == []
+
+
+@pytest.mark.parametrize("extra, status, code", [
+    ({"amount": "99999.00"}, 422, "insufficient-funds"),
+    ({"amount": "1.00", "currency": "EUR"}, 422, "currency-mismatch"),
+])
+def test_what_the_sender_cannot_pay_is_refused_alike_whoever_the_recipient_is(
+        client, jane, make_user, extra, status, code):
+    """Found by attacking the API: these answers once told registered from unknown emails."""
+    mine = open_account(client, jane)
+    deposit(client, jane, mine["id"], "10.00")
+    registered = make_user()
+    open_account(client, registered)
+    squatter = make_user(verified=False)
+    open_account(client, squatter)
+    bodies = []
+    for email in (registered.email, squatter.email, "nobody-here@example.com"):
+        body = problem(post_money(client, jane, "/p2p", {"recipient_email": email, **extra}),
+                       status, code)
+        bodies.append({k: v for k, v in body.items() if k not in ("instance", "request_id")})
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert get_account(client, jane, mine["id"])["balance"] == "10.00"
