@@ -13,6 +13,7 @@ from .cursors import page_query
 from .db import db
 from .ids import parse_id
 from .models import SETTLEMENT, Account, AuditLog, Transaction
+from .text import clean_text
 
 # action -> (the status it applies to, the status it sets)
 _ACCOUNT_TRANSITIONS = {
@@ -27,9 +28,8 @@ def _uuid_or_404(value, what):
 
 def _set_account_status(action, account_id, *, actor_id, reason, request_id, now):
     required, target = _ACCOUNT_TRANSITIONS[action]
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
-        raise errors.ValidationError("reason must be text of at most 500 characters",
-                                     field="reason")
+    # Written into the audit log for good and read by other admins: printable only.
+    reason = clean_text(reason, "reason", max_length=500)
     account_id = _uuid_or_404(account_id, "account")
     with db.atomic():
         account = Account.get_or_none(Account.id == account_id)
@@ -78,10 +78,8 @@ def reverse_entry(entry_id, *, actor_id, description=None, request_id=None):
     ReversalNotAllowed (already reversed, a reversal itself, closed account).
     """
     entry_id = _uuid_or_404(entry_id, "entry")
-    if description is not None and (not isinstance(description, str)
-                                    or not 1 <= len(description.strip()) <= 500):
-        raise errors.ValidationError("description must be 1 to 500 characters",
-                                     field="description")
+    # Shown in the customer's own history: printable text only.
+    description = clean_text(description, "description", max_length=500)
     with db.atomic():
         posting = ledger.reverse(entry_id, description=description)
         new_ids = [posting.debit.entry_id, posting.credit.entry_id]

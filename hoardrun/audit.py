@@ -17,7 +17,7 @@ from .money import CURRENCIES, format_amount
 #: minor units (exact, and the same as the ledger); ``shown`` renders them.
 MONEY_KEYS = frozenset({"amount", "balance", "balance_after", "cost_basis", "daily_limit",
                         "monthly_limit", "refunded_total", "overdraft_limit", "minimum_balance",
-                        "fee"})
+                        "fee", "captured_amount", "released_amount"})
 
 
 def _default(value):

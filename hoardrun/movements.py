@@ -20,7 +20,7 @@ from . import audit, errors, history, ledger
 from .auth import normalise_email
 from .db import db
 from .ids import parse_id
-from .money import parse_amount
+from .money import format_amount, parse_amount
 from .text import clean_text
 
 DESCRIPTION_MAX = 500
@@ -409,10 +409,15 @@ def batch(user_id, legs, *, request_id=None):
                             for f in exc.extra["failures"]]) from None
         batch_id = uuid.uuid4()
         audit.record("batch.create", "batch", batch_id, actor_id=user_id, after={
+            # Decimal strings in each leg's currency: a batch has no one currency
+            # for audit.shown to render minor units in.
             "legs": [{"kind": "p2p" if leg.p2p else "transfer", "movement_id": leg.id,
-                      "amount": leg.amount, "from_account_id": leg.from_account_id}
-                     for leg in made],
-            "currency_totals": _totals(postings)}, request_id=request_id)
+                      "amount": format_amount(posting.amount, posting.currency),
+                      "currency": posting.currency, "from_account_id": leg.from_account_id}
+                     for leg, posting in zip(made, postings)],
+            "currency_totals": {currency: format_amount(total, currency)
+                                for currency, total in _totals(postings).items()}},
+            request_id=request_id)
     records = []
     for index, (p, leg, posting) in enumerate(zip(planned, made, postings)):
         counterparty = None

@@ -169,6 +169,32 @@ def test_suspension_refuses_self_unknown_users_and_long_reasons(client, make_use
     assert User.get_by_id(admin.id).status == User.get_by_id(jane.id).status == "active"
 
 
+@pytest.mark.parametrize("text", ["a\u0007b", "pay\u202eecnatsiser", "x\u200by", "two\nlines",
+                                  "tab\there"])
+def test_admin_free_text_is_printable_text_only(client, make_user, admin, text):
+    """Found by attacking the API: reasons and reversal descriptions took control characters.
+
+    They stay in the append-only audit log for good, and a reversal's
+    description is shown in the customer's own history.
+    """
+    jane = make_user()
+    account = accounts.open_account(jane.id, "checking", "USD", name="Main")
+    ledger.deposit(account.id, 1_000)
+    entry = Transaction.get((Transaction.account == account.id)
+                            & (Transaction.direction == "inbound"))
+    before = AuditLog.select().count()
+    for path, body, field in (
+            (f"/users/{jane.id}/suspend", {"reason": text}, "reason"),
+            (f"/accounts/{account.id}/freeze", {"reason": text}, "reason"),
+            (f"/transactions/{entry.id}/reverse", {"description": text}, "description")):
+        result = post(client, path, admin, body)
+        assert result.status_code == 422, (path, result.text)
+        assert result.json["errors"][0]["field"] == field
+    assert AuditLog.select().count() == before
+    assert User.get_by_id(jane.id).status == "active"
+    assert Account.get_by_id(account.id).status == "active"
+
+
 # -- accounts -----------------------------------------------------------------------
 
 def test_a_frozen_account_moves_no_money_until_unfrozen(client, make_user, admin):

@@ -100,6 +100,35 @@ def test_the_audit_log_shows_every_amount_as_a_decimal_string(client, jane, admi
     assert by_action["card.issue"][0]["after"]["monthly_limit"] == "5000.00"
 
 
+def test_holds_and_batches_show_their_amounts_as_decimal_strings_too(client, jane, admin):
+    """Found by attacking the API: capture, void and batch rows said 4000 for 40.00."""
+    main = open_account(client, jane, "USD")
+    savings = open_account(client, jane, "USD", "Savings", type="savings")
+    deposit(client, jane, main["id"], "300.00")
+    card = issue_card(client, jane, main["id"])
+    hold = {"merchant_name": "Hotel", "merchant_category": "7011", "currency": "USD",
+            "channel": "chip"}
+    captured = ok(post_money(client, jane, f"/cards/{card['id']}/authorizations",
+                             {**hold, "amount": "50.00"}), 201)
+    voided = ok(post_money(client, jane, f"/cards/{card['id']}/authorizations",
+                           {**hold, "amount": "2.00"}), 201)
+    ok(post_money(client, jane, f"/authorizations/{captured['id']}/capture",
+                  {"amount": "40.00"}), 200)
+    ok(client.simulate_post(f"{API}/authorizations/{voided['id']}/void",
+                            headers=jane.headers), 200)
+    ok(post_money(client, jane, "/payments/batch", {"legs": [
+        {"from_account_id": main["id"], "to_account_id": savings["id"], "amount": "1.00"},
+        {"from_account_id": main["id"], "to_account_id": savings["id"], "amount": "0.50"}]}),
+       201)
+    rows = {r["action"]: r["after"] for r in ok(client.simulate_get(
+        f"{API}/admin/audit", headers=admin.headers, params={"limit": 100}), 200)["items"]}
+    assert (rows["card.capture"]["captured_amount"],
+            rows["card.capture"]["released_amount"]) == ("40.00", "10.00")
+    assert rows["card.void"]["released_amount"] == "2.00"
+    assert [leg["amount"] for leg in rows["batch.create"]["legs"]] == ["1.00", "0.50"]
+    assert rows["batch.create"]["currency_totals"] == {"USD": "1.50"}
+
+
 def test_the_audit_log_uses_each_rows_own_currency(client, jane, admin):
     yen = open_account(client, jane, "JPY", "Yen")
     dinar = open_account(client, jane, "KWD", "Dinar")
