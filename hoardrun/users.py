@@ -56,20 +56,32 @@ def audit_view(user):
 def clean_email(value, field="email"):
     """Return ``value`` normalised (``auth.normalise_email``) if it is an email address.
 
-    A local part that mixes look-alike scripts (a Cyrillic "а" among Latin
-    letters) is refused: it would be a second account that reads exactly
-    like someone else's address.
+    A local part or a domain label that mixes look-alike scripts (a Cyrillic
+    "а" among Latin letters) is refused: it would be a second account that
+    reads exactly like someone else's address. So are quoted local parts,
+    address literals and empty domain labels.
     """
     if not isinstance(value, str):
         raise errors.ValidationError("email must be a string", field=field)
     email = auth.normalise_email(value)
     if len(email) > EMAIL_MAX or not _EMAIL.fullmatch(email) or not email.isprintable():
         raise errors.ValidationError("email is not a valid email address", field=field)
-    scripts = letter_scripts(email.rpartition("@")[0])
-    if len(scripts) > 1 and not scripts <= _COMBINABLE_SCRIPTS:
-        raise errors.ValidationError(
-            "email mixes letters of different scripts (" + ", ".join(sorted(scripts)).title()
-            + ") in one name; write it in one script", field=field)
+    local, _, domain = email.rpartition("@")
+    labels = domain.split(".")
+    # Quoted local parts and address literals ([127.0.0.1]) are legal in
+    # RFC 5321 but no mailbox a person types; an empty label (ex..com) is no
+    # domain at all.
+    if '"' in local or domain.startswith("[") or not all(1 <= len(x) <= 63 for x in labels):
+        raise errors.ValidationError("email is not a valid email address", field=field)
+    # UTS #39 applies per label: the name and each label of the domain are in
+    # one script (or a combinable set), so "bob@еx.com" with a Cyrillic "е"
+    # is not a second bob.
+    for part in (local, *labels):
+        scripts = letter_scripts(part)
+        if len(scripts) > 1 and not scripts <= _COMBINABLE_SCRIPTS:
+            raise errors.ValidationError(
+                "email mixes letters of different scripts (" + ", ".join(sorted(scripts)).title()
+                + ") in one name; write it in one script", field=field)
     return email
 
 

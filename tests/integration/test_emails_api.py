@@ -110,6 +110,8 @@ def test_changing_the_email_to_another_spelling_of_a_taken_address_is_refused(cl
     "j\u043ehn-{tag}@example.com",         # Cyrillic о
     "jane\u03bf-{tag}@example.com",        # Greek omicron
     "\u0455cott-{tag}@example.com",        # Cyrillic ѕ (dze)
+    "bob-{tag}@\u0435x.com",               # Cyrillic е in the domain (found by attacking)
+    "bob-{tag}@ex\u0430mple.com",          # Cyrillic а inside a Latin label
 ])
 def test_a_local_part_mixing_look_alike_scripts_is_refused_with_422(client, tag, email):
     result = register(client, email.format(tag=tag))
@@ -117,6 +119,16 @@ def test_a_local_part_mixing_look_alike_scripts_is_refused_with_422(client, tag,
     assert result.json["type"] == PROBLEM + "validation-error"
     assert "email" in {e["field"] for e in result.json["errors"]}
     assert "script" in result.json["detail"]
+    assert not User.select().where(User.email.contains(tag)).exists()
+
+
+@pytest.mark.parametrize("email", ["bob-{tag}@ex..com", '"bob-{tag}"@example.com',
+                                   "bob-{tag}@[127.0.0.1]", "bob-{tag}@.example.com"])
+def test_addresses_no_person_types_are_refused(client, tag, email):
+    """Found by attacking the API: empty labels, quoted names and address literals."""
+    result = register(client, email.format(tag=tag))
+    assert result.status_code == 422, result.text
+    assert "email" in {e["field"] for e in result.json["errors"]}
     assert not User.select().where(User.email.contains(tag)).exists()
 
 
