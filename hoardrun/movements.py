@@ -386,6 +386,15 @@ def batch(user_id, legs, *, request_id=None):
                 if exc.status >= 500:
                     raise
                 failures.append(_leg_failure(index, exc))
+        # The sender's side of every leg first (as for one P2P payment): a leg
+        # the sender cannot fund is refused alike whoever its recipient is,
+        # and its recipient is not looked up, so a refusal never tells a
+        # registered address from an unknown one.
+        for index in _unfunded_legs(planned):
+            failures.append(_leg_failure(index, errors.InsufficientFunds("insufficient funds",
+                                                                         field="amount")))
+            planned[index] = None
+        targets = [t for t in targets if planned[t[0]] is not None]
         if targets:
             found = find_recipients(user_id, [t[1:] for t in targets])
             for (index, *_), result in zip(targets, found):
@@ -431,6 +440,35 @@ def batch(user_id, legs, *, request_id=None):
             amount=posting.amount, currency=posting.currency, description=leg.text,
             created_at=posting.posted_at))
     return BatchRecord(id=batch_id, legs=records)
+
+
+def _unfunded_legs(planned):
+    """Indexes of the legs their source cannot fund, legs taken in order (read unlocked).
+
+    Earlier legs count: what one moves out of an account, later legs cannot
+    spend, and what one moves into a source account, they can.
+
+    The ledger checks again under its locks; this only decides what the
+    answer may say before any recipient is looked up.
+    """
+    sources = {p["from"] for p in planned if p is not None}
+    if not sources:
+        return []
+    available = dict(db.execute_sql(
+        "SELECT id, balance + overdraft_limit - hoardrun_held(id, now()) FROM accounts "
+        "WHERE id = ANY(%s::uuid[])", ([s.hex for s in sources],)).fetchall())
+    available = {uuid.UUID(str(k)): v for k, v in available.items()}
+    unfunded = []
+    for index, plan in enumerate(planned):
+        if plan is None:
+            continue
+        if plan["amount"] > available.get(plan["from"], 0):
+            unfunded.append(index)
+            continue
+        available[plan["from"]] -= plan["amount"]
+        if not plan["p2p"] and plan["to"] in available:  # an earlier leg may fund a later one
+            available[plan["to"]] += plan["amount"]
+    return unfunded
 
 
 def _ledger_leg(plan):

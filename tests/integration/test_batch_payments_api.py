@@ -151,6 +151,25 @@ def test_every_failing_leg_is_named_and_unpayable_recipients_look_alike(client, 
     assert nothing_moved()
 
 
+def test_a_leg_the_sender_cannot_fund_says_so_whoever_its_recipient_is(client, jane, bob,
+                                                                        make_user):
+    """Found by attacking the API: insufficient-funds for bob, not-found for nobody."""
+    open_account(client, bob)
+    squatter = make_user(verified=False)
+    open_account(client, squatter)
+    a = open_account(client, jane)["id"]
+    deposit(client, jane, a, "10.00")
+    body = problem(batch(client, jane, [
+        leg(a, "99999.00", recipient_email=bob.email),
+        leg(a, "99999.00", recipient_email=squatter.email),
+        leg(a, "99999.00", recipient_email="nobody-here@example.com"),
+    ]), 422, "batch-refused")
+    answers = {(f["type"], f["detail"]) for f in body["legs"]}
+    assert len(body["legs"]) == 3 and len(answers) == 1
+    assert {t.removeprefix(TYPE) for t, _ in answers} == {"insufficient-funds"}
+    assert nothing_moved()
+
+
 def test_a_recipient_frozen_after_the_look_up_is_the_same_not_found(client, jane, bob,
                                                                     monkeypatch):
     from hoardrun import movements
