@@ -317,6 +317,7 @@ class EmbeddedServer:
     # -- internals ----------------------------------------------------------
     def _start(self):
         if self.account:
+            self._check_reachable()
             os.chmod(self.base_dir, 0o755)
             _give_to(self.base_dir, self.account)
         if not self.initialised:
@@ -330,6 +331,23 @@ class EmbeddedServer:
         self._run("pg_ctl", "start", "-D", self.data_dir, "-l", self.log_file, "-w",
                   "-t", str(START_TIMEOUT_S), timeout=START_TIMEOUT_S + 30)
         log.info("started the embedded PostgreSQL server (%s)", self.data_dir)
+
+    def _check_reachable(self):
+        """As root: every folder above the data must let the server's account pass.
+
+        Otherwise initdb fails deep inside with "Permission denied" (a clone
+        under /root, mode 0700). Say so in one line rather than opening up
+        the operator's folders.
+        """
+        import stat
+
+        for parent in self.base_dir.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                raise EmbeddedServerError(
+                    f"the embedded server runs as {self.account!r}, which cannot enter {parent} "
+                    f"(mode {stat.filemode(mode)}): run as an ordinary user, or set "
+                    "HOARDRUN_DATA_DIR to a folder it can reach (e.g. /var/tmp/hoardrun)")
 
     def _write_config(self):
         if self.uses_socket:

@@ -8,8 +8,11 @@ wheel (``hoardrun.embedded``).
 """
 
 import os
+import shutil
+import tempfile
 import signal
 import uuid
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -137,3 +140,22 @@ def test_libpq_parameters_in_the_query_string_say_which_server(tmp_path):
     on_test_server = _sql(admin_url(pg_url()),
                           f"SELECT datname FROM pg_database WHERE datname = '{name}'")
     assert on_test_server == []
+
+
+@pytest.mark.skipif(not (hasattr(os, "geteuid") and os.geteuid() == 0),
+                    reason="only root hands the server to another account")
+def test_as_root_a_data_folder_the_server_account_cannot_reach_is_one_clear_line(tmp_path):
+    """A clone under /root (0700): the server's account cannot enter it, and says so."""
+    locked = Path(tempfile.mkdtemp(prefix="hoardrun-locked-"))
+    try:
+        os.chmod(locked, 0o700)
+        (locked / "clone").mkdir()
+        env = plain_env("", HOARDRUN_DATA_DIR=str(locked / "clone" / ".hoardrun"),
+                        HOARDRUN_ENV="development")
+        del env["DATABASE_URL"]
+        result = run_task(env, "db.check", cwd=tmp_path)
+        assert result.code == 1 and len(result.error_lines) == 1, result.output
+        assert f"cannot enter {locked}" in result.error_lines[0]
+        assert "HOARDRUN_DATA_DIR" in result.error_lines[0]
+    finally:
+        shutil.rmtree(locked, ignore_errors=True)
