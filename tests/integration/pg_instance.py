@@ -70,7 +70,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def _server_account():
+def server_account():
     """The account that runs the server binaries when we are root, else None."""
     return embedded.service_account() if hasattr(os, "geteuid") and os.geteuid() == 0 else None
 
@@ -80,7 +80,7 @@ class PgInstance:
 
     def __init__(self, *, bindir=None, settings=None, with_ssl=False):
         self.bindir = Path(bindir) if bindir else find_bindir(with_ssl=with_ssl)
-        self.account = _server_account()
+        self.account = server_account()
         self.as_root = self.account is not None
         # Under /tmp (mode 1777): the server user can reach it even when the
         # test's own tmp_path sits below a root-only directory.

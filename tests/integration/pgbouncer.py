@@ -28,8 +28,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg2
 
-from hoardrun import embedded
-from tests.integration.pg_instance import free_port
+from tests.integration.pg_instance import server_account, free_port
 
 BINARY_CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
 START_TIMEOUT_S = 15
@@ -73,8 +72,7 @@ class PgBouncer:
         self.pool_size = pool_size
         self.pool_mode = pool_mode
         self.port = free_port()
-        self.account = (embedded.service_account()
-                        if hasattr(os, "geteuid") and os.geteuid() == 0 else None)
+        self.account = server_account()
         self.root = Path(tempfile.mkdtemp(prefix="hoardrun-pgbouncer-", dir="/tmp"))
         self.logfile = self.root / "pgbouncer.log"
         self.process = None

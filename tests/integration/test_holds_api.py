@@ -26,21 +26,6 @@ from tests.integration.conftest import LiveServer
 API = "/api/v1"
 
 
-class Clock:
-    """An app clock a test moves by hand."""
-
-    def __init__(self, now=None):
-        self.now = now or datetime.now(timezone.utc)
-
-    def __call__(self):
-        return self.now
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
 @pytest.fixture
 def app(settings, database, clock):
     return create_app(settings, clock=clock)
