@@ -34,8 +34,6 @@ _MAX_ERROR_CHARS = 300
 CHECK_ERRORS = tuple(dbm.UNAVAILABLE_ERRORS) + (pw.DatabaseError,)
 
 
-#: The app's default clock (hoardrun.clock), under the name the API has used.
-utc_now = utcnow
 
 
 class Health:
@@ -45,7 +43,7 @@ class Health:
     (uptime and the answer cache): tests pin both.
     """
 
-    def __init__(self, settings, *, clock=utc_now, monotonic=time.monotonic):
+    def __init__(self, settings, *, clock=utcnow, monotonic=time.monotonic):
         self.settings = settings
         self.clock = clock
         self.monotonic = monotonic

@@ -16,10 +16,11 @@ import time
 import falcon
 
 from .. import __version__, embedded, replicas
+from ..clock import utcnow
 from ..config import load_settings
 from ..db import init_db
 from ..mail import Mailer
-from ..health import Health, utc_now
+from ..health import Health
 from . import accounts as accounts_routes
 from . import admin as admin_routes
 from . import auth as auth_routes
@@ -46,7 +47,7 @@ def create_app(settings, *, clock=None, monotonic=None, id_factory=None, mailer=
     development outbox). The database must already be bound
     (``hoardrun.db.init_db``).
     """
-    clock = clock or utc_now
+    clock = clock or utcnow
     mailer = mailer or Mailer.from_settings(settings)
     monotonic = monotonic or time.monotonic
     middleware = [RequestContext(max_body_bytes=settings.max_body_bytes,
