@@ -725,6 +725,7 @@ def serve(c, server="granian", host="127.0.0.1", port=8000, workers=None, thread
     "clients": "concurrent keep-alive clients per scenario (default 8; the @32 scenarios use 32)",
     "seconds": "seconds each scenario runs (default 10)",
     "scenario": "comma-separated subset of: bare, health, health_database, account, transfer, "
+                "batch, "
                 "p2p, deposit, withdrawal, card_payment, investment_buy, history_first, "
                 "history_deep, statement, transfer@32, deposit@32 (default all)",
     "server": "granian (default), waitress, or both (every scenario under each, one run)",

@@ -53,16 +53,18 @@ MAIL_ENV = {"HOARDRUN_SMTP_URL": "smtp://127.0.0.1:2525",
             "HOARDRUN_MAIL_FROM": "no-reply@bench.hoardrun.test"}
 #: name -> clients (None: --clients). "bare" is the bare WSGI app's health.
 SCENARIOS = {"bare": None, "health": None, "health_database": None, "account": None,
-             "transfer": None, "p2p": None, "deposit": None, "withdrawal": None,
+             "transfer": None, "batch": None, "p2p": None, "deposit": None, "withdrawal": None,
              "card_payment": None, "investment_buy": None, "history_first": None,
              "history_deep": None, "statement": None, "transfer@32": 32, "deposit@32": 32}
 SERVERS = ("granian", "waitress")
+#: Legs per ``POST /payments/batch`` of the batch scenario (the API's maximum).
+BATCH_LEGS = 100
 SCALING_SIZES = (10_000, 100_000, 1_000_000)
 QUICK = {"seconds": 1, "users": 40, "accounts": 80, "entries": 2_000, "scaling_sizes": ()}
 TARGETS = {"full_ratio": 0.6, "transfer_app_cpu_us": 500.0, "transfer_p99_ms": 20.0,
            "history_vs_transfer": 1.0, "statement_vs_transfer": 1.5, "health_vs_bare": 0.5,
            "rss_mib": 200.0, "deposit_vs_transfer": 0.9, "deposit32_p99_ms": 60.0,
-           "scaling_spread": 1.5}
+           "scaling_spread": 1.5, "batch_legs_vs_transfer": 5.0}
 CARD_USERS = 100
 
 
@@ -307,6 +309,13 @@ def build_requests(name, people, tokens, url, *, cards=None, count=400, depth=60
                         "unique_key": True,
                         "body": {"from_account_id": src, "to_account_id": dst,
                                  "amount": "0.01", "description": "bench"}})
+        elif name == "batch":
+            # Half the legs each way: every batch nets to zero, so nothing runs dry.
+            legs = [{"from_account_id": checking if k % 2 == 0 else savings,
+                     "to_account_id": savings if k % 2 == 0 else checking,
+                     "amount": "0.01", "description": "bench"} for k in range(BATCH_LEGS)]
+            out.append({"method": "POST", "path": "/api/v1/payments/batch",
+                        "headers": auth_header, "unique_key": True, "body": {"legs": legs}})
         elif name == "p2p":
             other = people[(i + 1 + rng.randrange(len(people) - 1)) % len(people)]
             out.append({"method": "POST", "path": "/api/v1/p2p", "headers": auth_header,
@@ -464,6 +473,9 @@ def serve_and_measure(server_name, names, ctx):
             row = measure(server, name, requests, clients, ctx["seconds"],
                           loadgen=ctx["loadgen"], postgres=ctx["postmaster"],
                           dbname=ctx["dbname"])
+            if base == "batch":
+                row["legs"] = BATCH_LEGS
+                row["legs_per_s"] = round(BATCH_LEGS * row["rps"], 1)
             part["scenarios"].append(row)
             log.info("%-8s %-16s %8.1f req/s  p99 %7.2f ms  app %s us  pg %s us  errors %d",
                      server_name, name, row["rps"], row["p99_ms"], row["app_cpu_us"],
@@ -598,6 +610,11 @@ def checks(report):
                     ratio = rows[name]["rps"] / max(transfer["rps"], 1e-9)
                     _check(out, f"{tag} {name} / transfer", round(ratio, 2), target,
                            ratio >= target)
+            if "batch" in rows:
+                ratio = rows["batch"]["legs_per_s"] / max(transfer["rps"], 1e-9)
+                _check(out, f"{tag} batch legs/s / transfer/s", round(ratio, 2),
+                       TARGETS["batch_legs_vs_transfer"],
+                       ratio >= TARGETS["batch_legs_vs_transfer"], "issue 13 item 2")
             for name, base in (("deposit", transfer), ("deposit@32", rows.get("transfer@32"))):
                 if name in rows and base:
                     ratio = rows[name]["rps"] / max(base["rps"], 1e-9)
@@ -669,6 +686,12 @@ def format_report(report):
                                         ("ledger", "API transfer / ledger-call"))
                      if key in ceil and ceil[key]["rps"]]
             lines.append("  " + ";  ".join(parts))
+        if "batch" in rows:
+            b = rows["batch"]
+            ratio = (f" = {b['legs_per_s'] / rows['transfer']['rps']:.2f} x transfer/s"
+                     if rows.get("transfer", {}).get("rps") else "")
+            lines.append(f"  batch: {b['legs_per_s']:.1f} legs/s ({b['legs']} legs x "
+                         f"{b['rps']:.1f} batches/s){ratio}")
     if ceil:
         lines += ["", "ceilings (pgbench, no app)", head]
         lines += [fmt(r) for r in ceil.values()]

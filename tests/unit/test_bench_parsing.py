@@ -1,12 +1,13 @@
 """The bench's own arithmetic: wrk's output, the replayed SQL, CPU accounting."""
 
+import json
 import subprocess
 import sys
 
 import psutil
 import pytest
 
-from bench import cpu, replay, wrk
+from bench import cpu, replay, runner, wrk
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8123
   2 threads and 8 connections
@@ -86,3 +87,26 @@ def test_cpu_meter_counts_only_what_the_processes_used_while_it_ran():
         burn.wait()
     assert cpu.per_request_us(0.5, 1000) == 500.0
     assert cpu.per_request_us(None, 1000) is None and cpu.per_request_us(1.0, 0) is None
+
+
+def test_a_batch_request_is_a_full_batch_between_two_own_accounts_that_nets_to_zero():
+    people = [(f"u{i}", f"u{i}@x", {"checking": f"c{i}", "savings": f"s{i}"}) for i in range(3)]
+    tokens = {p[0]: f"t-{p[0]}" for p in people}
+    requests = runner.build_requests("batch", people, tokens, url=None, count=20)
+    assert len(requests) == 20
+    for spec in requests:
+        assert spec["method"] == "POST" and spec["path"] == "/api/v1/payments/batch"
+        assert spec["unique_key"] is True  # one Idempotency-Key per batch, fresh each time
+        legs = spec["body"]["legs"]
+        assert len(legs) == runner.BATCH_LEGS == 100
+        user = spec["headers"]["Authorization"].removeprefix("Bearer t-")
+        own = {f"c{user[1:]}", f"s{user[1:]}"}
+        net = {}
+        for leg in legs:
+            assert {leg["from_account_id"], leg["to_account_id"]} == own
+            net[leg["from_account_id"]] = net.get(leg["from_account_id"], 0) - 1
+            net[leg["to_account_id"]] = net.get(leg["to_account_id"], 0) + 1
+        assert set(net.values()) == {0}
+    # a ~16 KB body still reaches wrk whole: one long-bracket string literal
+    body = json.dumps(requests[0]["body"])
+    assert len(body) > 8000 and f"[====[{body}]====]" in wrk.script(requests[:1])
