@@ -60,11 +60,18 @@ SERVERS = ("granian", "waitress")
 #: Legs per ``POST /payments/batch`` of the batch scenario (the API's maximum).
 BATCH_LEGS = 100
 SCALING_SIZES = (10_000, 100_000, 1_000_000)
-QUICK = {"seconds": 1, "users": 40, "accounts": 80, "entries": 2_000, "scaling_sizes": ()}
+# Quick mode still runs the scaling step, at two tiny sizes: every row and check
+# of it is exercised, in seconds.
+QUICK = {"seconds": 1, "users": 40, "accounts": 80, "entries": 2_000,
+         "scaling_sizes": (1_000, 4_000)}
+#: Distinct random instants per balance-as-of measurement, and how many of them
+#: fall before the account's first entry (where the balance is zero).
+AS_OF_INSTANTS = 400
+AS_OF_BEFORE_FIRST = 10
 TARGETS = {"full_ratio": 0.6, "transfer_app_cpu_us": 500.0, "transfer_p99_ms": 20.0,
            "history_vs_transfer": 1.0, "statement_vs_transfer": 1.5, "health_vs_bare": 0.5,
            "rss_mib": 200.0, "deposit_vs_transfer": 0.9, "deposit32_p99_ms": 60.0,
-           "scaling_spread": 1.5, "batch_legs_vs_transfer": 5.0}
+           "scaling_spread": 1.5, "batch_legs_vs_transfer": 5.0, "as_of_p99_ms": 5.0}
 CARD_USERS = 100
 
 
@@ -372,8 +379,42 @@ def _tokens(people):
     return {user_id: auth.issue_token(user_id)[0] for user_id, _, _ in people}
 
 
+def as_of_requests(url, account_id, headers, *, count=AS_OF_INSTANTS,
+                   before=AS_OF_BEFORE_FIRST, seed=0):
+    """``GET /balance?as_of=`` at ``count`` distinct random instants of one account's history.
+
+    ``count - before`` instants are spread uniformly between the account's
+    first and last entry (``seed.seed_scaling_account`` stamps them one second
+    apart, the last at seeding time), ``before`` more fall up to a day before
+    its first entry; the list is shuffled so no run of them is served alike.
+    """
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT min(created_at), max(created_at) FROM transactions "
+                    "WHERE account_id = %s", (account_id,))
+        first, last = cur.fetchone()
+    conn.close()
+    if first is None:
+        raise BenchError(f"account {account_id} has no entries")
+    rng = random.Random(seed)
+    span = (last - first).total_seconds()
+
+    def stamp(moment):
+        return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    inside, earlier = set(), set()
+    while len(inside) < count - before:
+        inside.add(stamp(first + timedelta(seconds=rng.uniform(0, span))))
+    while len(earlier) < before:
+        earlier.add(stamp(first - timedelta(seconds=rng.uniform(0.001, 86_400))))
+    instants = sorted(inside | earlier)
+    rng.shuffle(instants)
+    return [{"method": "GET", "path": f"/api/v1/accounts/{account_id}/balance?as_of={at}",
+             "headers": headers} for at in instants]
+
+
 def scaling(url, port, sizes, seconds, loadgen="auto"):
-    """First and deep history pages for one account at each size; latencies must stay flat.
+    """History pages and balances as of T in one account at each size; latencies must stay flat.
 
     Every account is seeded first and the writes settled (CHECKPOINT, ANALYZE)
     before any page is timed, so no size is measured while the server is still
@@ -397,9 +438,16 @@ def scaling(url, port, sizes, seconds, loadgen="auto"):
             drive(port, 1, 1, request, loadgen=loadgen)  # warm-up: caches and plans
             row = summarise(f"history_{label}@{size}",
                             drive(port, 1, seconds, request, loadgen=loadgen))
-            row.update({"entries": size, "page": label, "clients": 1})
+            row.update({"entries": size, "kind": "history", "page": label, "clients": 1})
             rows.append(row)
             log.info("scaling %s page at %d entries: p50 %.2f ms", label, size, row["p50_ms"])
+        request = as_of_requests(url, account_id, header, seed=size)
+        drive(port, 1, 1, request, loadgen=loadgen)  # warm-up
+        row = summarise(f"balance_as_of@{size}", drive(port, 1, seconds, request, loadgen=loadgen))
+        row.update({"entries": size, "kind": "balance_as_of", "clients": 1})
+        rows.append(row)
+        log.info("scaling balance as of T at %d entries: p50 %.2f ms, p99 %.2f ms", size,
+                 row["p50_ms"], row["p99_ms"])
     dbm.release_connection()
     return rows
 
@@ -524,7 +572,7 @@ def run(*, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entr
     if quick:
         seconds, users, accounts, entries = (QUICK[k] for k in ("seconds", "users", "accounts",
                                                                 "entries"))
-        scaling_sizes = QUICK["scaling_sizes"]
+        scaling_sizes = QUICK["scaling_sizes"] if scaling_sizes else ()
     url = url or os.environ.get("BENCH_DATABASE_URL") or DEFAULT_URL
     servers = SERVERS if server == "both" else (server,)
     if any(s not in SERVERS for s in servers):
@@ -634,17 +682,45 @@ def checks(report):
         errors = sum(r["errors"] for r in run["scenarios"])
         _check(out, f"{tag} errors", errors, 0, errors == 0)
     if report.get("scaling"):
-        for page in ("first", "deep"):
-            p50s = [r["p50_ms"] for r in report["scaling"] if r["page"] == page]
+        sizes = sorted({r["entries"] for r in report["scaling"]})
+        span = f"{count_label(sizes[0])}..{count_label(sizes[-1])}"
+        history = [r for r in report["scaling"] if r.get("kind", "history") == "history"]
+        for page in ("first", "deep") if len(sizes) > 1 else ():
+            p50s = [r["p50_ms"] for r in history if r["page"] == page]
             spread = max(p50s) / max(min(p50s), 1e-9)
-            _check(out, f"history {page} page spread 10k..1M", round(spread, 2),
+            _check(out, f"history {page} page spread {span}", round(spread, 2),
                    TARGETS["scaling_spread"], spread <= TARGETS["scaling_spread"])
+        as_of = as_of_rows(report)
+        if as_of:
+            item3 = "issue 13 item 3"
+            largest = as_of[-1]
+            _check(out, f"balance as of p99 ms at {count_label(largest['entries'])} entries",
+                   largest["p99_ms"], TARGETS["as_of_p99_ms"],
+                   largest["p99_ms"] < TARGETS["as_of_p99_ms"], item3)
+            if len(as_of) > 1:
+                spread = largest["p99_ms"] / max(as_of[0]["p99_ms"], 1e-9)
+                _check(out, f"balance as of p99 spread {span}", round(spread, 2),
+                       TARGETS["scaling_spread"], spread <= TARGETS["scaling_spread"], item3)
         errors = sum(r["errors"] for r in report["scaling"])
         _check(out, "scaling errors", errors, 0, errors == 0)
     ceiling_errors = sum(r["errors"] for r in report.get("ceilings", {}).values())
     _check(out, "ceiling errors", ceiling_errors, 0, ceiling_errors == 0)
     _check(out, "db.verify problems", len(report["verify"]), 0, not report["verify"])
     return out
+
+
+def count_label(n):
+    """``10000`` -> ``10k``, ``1000000`` -> ``1M``; any other count as digits."""
+    for unit, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def as_of_rows(report):
+    """The scaling step's balance-as-of rows, smallest account first."""
+    return sorted((r for r in report.get("scaling") or () if r.get("kind") == "balance_as_of"),
+                  key=lambda r: r["entries"])
 
 
 def machine():
@@ -697,7 +773,17 @@ def format_report(report):
         lines += [fmt(r) for r in ceil.values()]
     if report.get("scaling"):
         lines += ["", "history pages, 1 client", head]
-        lines += [fmt(r) for r in report["scaling"]]
+        lines += [fmt(r) for r in report["scaling"] if r.get("kind", "history") == "history"]
+    as_of = as_of_rows(report)
+    if as_of:
+        lines += ["", f"balance as of T, 1 client, {AS_OF_INSTANTS} random instants per account",
+                  head]
+        lines += [fmt(r) for r in as_of]
+        if len(as_of) > 1:
+            small, large = as_of[0], as_of[-1]
+            lines.append(f"  largest / smallest account: p50 "
+                         f"{large['p50_ms'] / max(small['p50_ms'], 1e-9):.2f} x, p99 "
+                         f"{large['p99_ms'] / max(small['p99_ms'], 1e-9):.2f} x")
     lines.append("")
     lines.append(f"db.verify: {'clean' if not report['verify'] else report['verify'][:3]}")
     for name, measured, target, passed, note in report["checks"]:
