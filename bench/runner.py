@@ -8,9 +8,11 @@ generator processes) drives each scenario with N keep-alive clients while
 the OS's CPU accounting of the app's processes and of PostgreSQL's backends
 is read; two ceilings are driven by pgbench: the ledger call alone, and
 every statement one keyed API transfer sends (captured from the app, see
-``replay.py``); history pages are timed at 10k, 100k and 1M entries in one
-account. The table and each target are printed and written as JSON under
-bench/results/.
+``replay.py``); the ledger call is driven again in alternating rounds on the
+bench database and on a copy whose chain hash is a constant (the chain's
+cost); history pages and balances as of random instants are timed at 10k,
+100k and 1M entries in one account. The table and each target are printed
+and written as JSON under bench/results/.
 """
 
 import json
@@ -71,7 +73,10 @@ AS_OF_BEFORE_FIRST = 10
 TARGETS = {"full_ratio": 0.6, "transfer_app_cpu_us": 500.0, "transfer_p99_ms": 20.0,
            "history_vs_transfer": 1.0, "statement_vs_transfer": 1.5, "health_vs_bare": 0.5,
            "rss_mib": 200.0, "deposit_vs_transfer": 0.9, "deposit32_p99_ms": 60.0,
-           "scaling_spread": 1.5, "batch_legs_vs_transfer": 5.0, "as_of_p99_ms": 5.0}
+           "scaling_spread": 1.5, "batch_legs_vs_transfer": 5.0, "as_of_p99_ms": 5.0,
+           "chain_slowdown_pct": 10.0}
+#: Alternating rounds per variant of the chain-cost ceiling.
+CHAIN_ROUNDS = 3
 CARD_USERS = 100
 
 
@@ -539,7 +544,11 @@ def serve_and_measure(server_name, names, ctx):
 
 
 def ceilings(ctx, settings):
-    """Both pgbench ceilings at ``--clients``: the ledger call, and the whole keyed request."""
+    """The pgbench ceilings at ``--clients``: the ledger call and the whole keyed request.
+
+    Then the ledger call with and without the chain hash (``chain_cost``), put
+    straight into the report.
+    """
     url, clients, seconds = ctx["url"], ctx["clients"], ctx["seconds"]
     groups = ({"postgres": lambda: cpu.postgres_backends(ctx["postmaster"], ctx["dbname"])}
               if ctx["postmaster"] else {})
@@ -549,19 +558,55 @@ def ceilings(ctx, settings):
         url, clients=clients, seconds=seconds, pairs=len(ctx["people"])))
     row["pg_cpu_us"] = cpu.per_request_us(meter.stop().get("postgres"), row["requests"])
     out["ledger"] = row
-    if not shutil.which("pgbench"):
-        return out
-    dbm.init_db(settings)
-    captured = replay.capture(settings, ctx["people"][0], ctx["tokens"][ctx["people"][0][0]])
-    scripts = replay.scripts(captured, ctx["people"], ctx["tokens"])
+    if shutil.which("pgbench"):
+        dbm.init_db(settings)
+        captured = replay.capture(settings, ctx["people"][0],
+                                  ctx["tokens"][ctx["people"][0][0]])
+        scripts = replay.scripts(captured, ctx["people"], ctx["tokens"])
+        dbm.close_db()
+        meter = cpu.CpuMeter(groups).start()
+        row = summarise("full request (pgbench)", ceiling.run_pgbench(
+            url, clients, seconds, scripts, defines={"hr_prepared": 0}))
+        row["pg_cpu_us"] = cpu.per_request_us(meter.stop().get("postgres"), row["requests"])
+        row["round_trips"] = len(captured["round_trips"])
+        out["full"] = row
+        ctx["report"]["captured"] = captured["round_trips"]
+    # Last: copying the database checkpoints the server, whose next writes
+    # then pay full-page images; no other ceiling should.
+    ctx["report"]["chain_cost"] = chain_cost(ctx)
+    return out
+
+
+def chain_cost(ctx):
+    """The ledger-call ceiling with the chain and with its hash neutralised (issue 14 item 2).
+
+    Rounds of about half ``--seconds`` each, alternating between the bench
+    database and a copy of it, medians compared; see ``ceiling.chain_cost``.
+    """
+    # CREATE DATABASE ... TEMPLATE needs the bench database to itself: the
+    # server is stopped by now, pgbench has exited, and this closes the pool.
     dbm.close_db()
-    meter = cpu.CpuMeter(groups).start()
-    row = summarise("full request (pgbench)", ceiling.run_pgbench(
-        url, clients, seconds, scripts, defines={"hr_prepared": 0}))
-    row["pg_cpu_us"] = cpu.per_request_us(meter.stop().get("postgres"), row["requests"])
-    row["round_trips"] = len(captured["round_trips"])
-    out["full"] = row
-    ctx["report"]["captured"] = captured["round_trips"]
+    seconds = max(1, -(-int(ctx["seconds"]) // 2))
+    raw = ceiling.chain_cost(ctx["url"], clients=ctx["clients"], seconds=seconds,
+                             pairs=len(ctx["people"]), rounds=CHAIN_ROUNDS,
+                             postmaster=ctx["postmaster"])
+    out = {"rounds": CHAIN_ROUNDS, "round_seconds": seconds}
+    for variant, label in (("chain", "ledger call, with the chain"),
+                           ("neutralised", ceiling.NEUTRALISED_LABEL)):
+        rounds = raw[variant]
+        merged = {"latencies": [x for r in rounds for x in r["latencies"]],
+                  "errors": sum(r["errors"] for r in rounds),
+                  "elapsed": sum(r["elapsed"] for r in rounds)}
+        row = summarise(label, merged)
+        row["rps"] = round(ceiling.median_rate(rounds), 1)  # the median round, not the mean
+        row["rounds_rps"] = [round(ceiling.median_rate([r]), 1) for r in rounds]
+        row["pg_cpu_us"] = cpu.per_request_us((raw["pg_cpu_s"] or {}).get(variant),
+                                              row["requests"])
+        out[variant] = row
+    with_chain, without = out["chain"]["rps"], out["neutralised"]["rps"]
+    out["slowdown_pct"] = round(100.0 * (1 - with_chain / max(without, 1e-9)), 1)
+    log.info("chain cost: %.1f/s with the chain, %.1f/s with its hash neutralised: %.1f %% "
+             "slower", with_chain, without, out["slowdown_pct"])
     return out
 
 
@@ -703,7 +748,13 @@ def checks(report):
                        TARGETS["scaling_spread"], spread <= TARGETS["scaling_spread"], item3)
         errors = sum(r["errors"] for r in report["scaling"])
         _check(out, "scaling errors", errors, 0, errors == 0)
+    chain = report.get("chain_cost")
+    if chain:
+        _check(out, "ledger call: % slower with the chain than with its hash neutralised",
+               chain["slowdown_pct"], TARGETS["chain_slowdown_pct"],
+               chain["slowdown_pct"] <= TARGETS["chain_slowdown_pct"], "issue 14 item 2")
     ceiling_errors = sum(r["errors"] for r in report.get("ceilings", {}).values())
+    ceiling_errors += sum(chain[k]["errors"] for k in ("chain", "neutralised")) if chain else 0
     _check(out, "ceiling errors", ceiling_errors, 0, ceiling_errors == 0)
     _check(out, "db.verify problems", len(report["verify"]), 0, not report["verify"])
     return out
@@ -732,7 +783,7 @@ def machine():
 
 def format_report(report):
     """The table the task prints."""
-    head = (f"{'scenario':<30}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+    head = (f"{'scenario':<38}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
             f"{'app us':>9}{'pg us':>9}{'errors':>8}")
     lines = []
     if report["loadgen"] == "python":
@@ -744,7 +795,7 @@ def format_report(report):
     def fmt(r, label=None):
         def num(v):
             return f"{v:>9.0f}" if isinstance(v, (int, float)) else f"{'-':>9}"
-        return (f"{(label or r['scenario']):<30}{r.get('clients', report['clients']):>8}"
+        return (f"{(label or r['scenario']):<38}{r.get('clients', report['clients']):>8}"
                 f"{r['rps']:>10.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                 f"{num(r.get('app_cpu_us'))}{num(r.get('pg_cpu_us'))}{r['errors']:>8}")
 
@@ -771,6 +822,14 @@ def format_report(report):
     if ceil:
         lines += ["", "ceilings (pgbench, no app)", head]
         lines += [fmt(r) for r in ceil.values()]
+    chain = report.get("chain_cost")
+    if chain:
+        lines += ["", f"chain cost (ledger call, {chain['rounds']} alternating rounds of "
+                      f"{chain['round_seconds']} s each, median round)", head]
+        lines += [fmt(chain[k]) for k in ("chain", "neutralised")]
+        lines.append(f"  calls/s per round: with the chain {chain['chain']['rounds_rps']}, "
+                     f"hash neutralised {chain['neutralised']['rounds_rps']}")
+        lines.append(f"  with the chain: {chain['slowdown_pct']} % slower (median rounds)")
     if report.get("scaling"):
         lines += ["", "history pages, 1 client", head]
         lines += [fmt(r) for r in report["scaling"] if r.get("kind", "history") == "history"]
