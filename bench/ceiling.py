@@ -181,7 +181,7 @@ def copy_without_chain_hash(url, attempts=3):
                     break
                 except psycopg2.errors.ObjectInUse:
                     if attempt + 1 == attempts:
-                        cur.execute("SELECT pid, application_name, state FROM "
+                        cur.execute("SELECT pid, application_name, state, backend_start, left(query, 200) FROM "
                                     "pg_stat_activity WHERE datname = %s", (source,))
                         raise RuntimeError(f"cannot copy {source}: other sessions use it "
                                            f"{cur.fetchall()}") from None

@@ -559,6 +559,9 @@ def ceilings(ctx, settings):
     row["pg_cpu_us"] = cpu.per_request_us(meter.stop().get("postgres"), row["requests"])
     out["ledger"] = row
     if shutil.which("pgbench"):
+        # init_db binds a new pool: close the old one's idle connections first
+        # (nothing else would, and the chain cost needs the database to itself).
+        dbm.close_db()
         dbm.init_db(settings)
         captured = replay.capture(settings, ctx["people"][0],
                                   ctx["tokens"][ctx["people"][0][0]])
