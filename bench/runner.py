@@ -679,7 +679,7 @@ def _check(out, name, measured, target, passed, note=""):
 
 
 def checks(report):
-    """Each target of issue 12 item 4: (name, measured, target, passed, note)."""
+    """Each target of issues 12 (item 4), 13 and 14: (name, measured, target, passed, note)."""
     out = []
     full = report.get("ceilings", {}).get("full")
     item2 = "item 2: cash movements spread over settlement buckets (migration 009)"
