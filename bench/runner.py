@@ -608,6 +608,10 @@ def chain_cost(ctx):
         out[variant] = row
     with_chain, without = out["chain"]["rps"], out["neutralised"]["rps"]
     out["slowdown_pct"] = round(100.0 * (1 - with_chain / max(without, 1e-9)), 1)
+    # For information: CPU per call is less at the mercy of a busy machine than calls/s.
+    cpu_with, cpu_without = out["chain"]["pg_cpu_us"], out["neutralised"]["pg_cpu_us"]
+    out["pg_cpu_extra_pct"] = (round(100.0 * (cpu_with / cpu_without - 1), 1)
+                               if cpu_with and cpu_without else None)
     log.info("chain cost: %.1f/s with the chain, %.1f/s with its hash neutralised: %.1f %% "
              "slower", with_chain, without, out["slowdown_pct"])
     return out
@@ -832,7 +836,10 @@ def format_report(report):
         lines += [fmt(chain[k]) for k in ("chain", "neutralised")]
         lines.append(f"  calls/s per round: with the chain {chain['chain']['rounds_rps']}, "
                      f"hash neutralised {chain['neutralised']['rounds_rps']}")
-        lines.append(f"  with the chain: {chain['slowdown_pct']} % slower (median rounds)")
+        cpu_note = (f"; PostgreSQL CPU per call {chain['pg_cpu_extra_pct']:+} %"
+                    if chain.get("pg_cpu_extra_pct") is not None else "")
+        lines.append(f"  with the chain: {chain['slowdown_pct']} % slower (median rounds)"
+                     + cpu_note)
     if report.get("scaling"):
         lines += ["", "history pages, 1 client", head]
         lines += [fmt(r) for r in report["scaling"] if r.get("kind", "history") == "history"]

@@ -54,6 +54,8 @@ def test_a_quick_bench_measures_every_part_and_reads_its_own_report(bench_url):
         assert chain[variant]["errors"] == 0 and chain[variant]["pg_cpu_us"] > 0
     assert chain["slowdown_pct"] == round(
         100 * (1 - chain["chain"]["rps"] / chain["neutralised"]["rps"]), 1)
+    assert chain["pg_cpu_extra_pct"] == round(
+        100 * (chain["chain"]["pg_cpu_us"] / chain["neutralised"]["pg_cpu_us"] - 1), 1)
     assert not _databases_like(bench_url, "%_nochain")
     # quick mode's scaling step: history pages and balances as of T at 1k and 4k entries
     scaled = {r["scenario"]: r for r in report["scaling"]}

@@ -138,7 +138,7 @@ def _report(transfer_rps, batch_rps, as_of_p99s, slowdown_pct):
                     for page in ("first", "deep")]
         scaling.append({**row, "scenario": f"balance_as_of@{size}", "entries": size,
                         "kind": "balance_as_of", "rps": 500.0, "p99_ms": p99})
-    chain = {"rounds": 3, "round_seconds": 5, "slowdown_pct": slowdown_pct,
+    chain = {"rounds": 3, "round_seconds": 5, "slowdown_pct": slowdown_pct, "pg_cpu_extra_pct": 7.6,
              "chain": {**row, "scenario": "ledger call, with the chain", "rps": 900.0,
                        "p99_ms": 9.0, "rounds_rps": [900.0] * 3},
              "neutralised": {**row, "scenario": ceiling.NEUTRALISED_LABEL, "rps": 950.0,
@@ -180,5 +180,6 @@ def test_the_report_prints_each_new_part():
                                  "checks": []})
     assert "batch: 2100.0 legs/s (100 legs x 21.0 batches/s) = 5.25 x transfer/s" in text
     assert "ledger call, chain hash neutralised" in text and "5.3 % slower" in text
+    assert "PostgreSQL CPU per call +7.6 %" in text
     assert "balance_as_of@1000000" in text and "p50 1.00 x, p99 1.50 x" in text
     assert runner.count_label(100_000) == "100k" and runner.count_label(1_500) == "1500"
