@@ -6,12 +6,13 @@ update both balances, insert the transfer row and its two entries), driven
 by pgbench when it is installed (simple protocol, as psycopg2 speaks), else
 by psycopg2 threads, with the same number of clients as the API run.
 
-The chain's cost (issue 14 item 2) is the same ledger call on the bench
-database and on a copy of it whose ``hoardrun_entry_hash`` returns a
+The chain's cost (issue 14 item 2) is the same ledger call with
+``hoardrun_entry_hash`` as installed and with its body swapped for a
 constant: the writer and the commit-time trigger still run every rule and
 still write and compare a 32-byte hash, only the sha256 over each entry's
-canonical text is gone. The two are driven in alternating rounds, so what
-else the machine does that minute weighs on both alike.
+canonical text is gone. Both run on one copy of the bench database (so the
+data, its bloat and the caches are the same for both), in alternating
+rounds, so what else the machine does that minute weighs on both alike.
 """
 
 import glob
@@ -158,8 +159,8 @@ def _admin(url):
     return conn
 
 
-def copy_without_chain_hash(url, attempts=3):
-    """``<bench>_nochain``: a copy of the bench database whose chain hash is a constant.
+def copy_of(url, attempts=3):
+    """``<bench>_nochain``: a copy of the bench database, for the chain-cost rounds.
 
     ``CREATE DATABASE ... TEMPLATE`` needs the bench database to have no other
     sessions (PostgreSQL itself waits a few seconds for autovacuum to leave);
@@ -181,26 +182,49 @@ def copy_without_chain_hash(url, attempts=3):
                     break
                 except psycopg2.errors.ObjectInUse:
                     if attempt + 1 == attempts:
-                        cur.execute("SELECT pid, application_name, state, backend_start, left(query, 200) FROM "
-                                    "pg_stat_activity WHERE datname = %s", (source,))
+                        cur.execute("SELECT pid, application_name, state, backend_start, "
+                                    "left(query, 200) FROM pg_stat_activity WHERE datname = %s",
+                                    (source,))
                         raise RuntimeError(f"cannot copy {source}: other sessions use it "
                                            f"{cur.fetchall()}") from None
                     time.sleep(2)
     finally:
         conn.close()
-    copy = _database_url(url, name)
-    conn = psycopg2.connect(copy)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_get_functiondef(%s::regprocedure)", (ENTRY_HASH,))
-            cur.execute(with_constant_body(cur.fetchone()[0]))
-            cur.execute("SELECT pg_get_functiondef(%s::regprocedure)", (ENTRY_HASH,))
-            if "concat_ws" in cur.fetchone()[0]:
-                raise RuntimeError("the chain hash of the copy still hashes the canonical text")
-    finally:
-        conn.close()
-    return copy
+    return _database_url(url, name)
+
+
+class ChainHash:
+    """Swap the copy's ``hoardrun_entry_hash`` between its real body and ``CONSTANT_HASH``.
+
+    Both variants then run on one database (same data, same bloat, same
+    caches), so what differs between their rounds is the hash alone: the
+    writer and the commit-time rules run either way.
+    """
+
+    def __init__(self, copy_url):
+        self.url = copy_url
+        conn = psycopg2.connect(copy_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_get_functiondef(%s::regprocedure)", (ENTRY_HASH,))
+                self.real = cur.fetchone()[0]
+        finally:
+            conn.close()
+        self.constant = with_constant_body(self.real)
+
+    def use(self, variant):
+        """Install the ``"chain"`` or the ``"neutralised"`` body; check it took."""
+        conn = psycopg2.connect(self.url)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self.real if variant == "chain" else self.constant)
+                cur.execute("SELECT pg_get_functiondef(%s::regprocedure)", (ENTRY_HASH,))
+                hashes = "concat_ws" in cur.fetchone()[0]
+        finally:
+            conn.close()
+        if hashes != (variant == "chain"):
+            raise RuntimeError(f"the copy's chain hash did not switch to {variant!r}")
 
 
 def drop_copy(copy_url):
@@ -217,29 +241,32 @@ def drop_copy(copy_url):
 
 
 def chain_cost(url, *, clients, seconds, pairs, rounds=3, postmaster=None):
-    """The ledger call with the chain (``url``) and with its hash neutralised, in turns.
+    """The ledger call with the chain and with its hash neutralised, in turns, on one copy.
 
-    A copy is made, warmed up with one second on each, then ``rounds`` rounds
-    of ``seconds`` each are run, the order swapped every round (chain first,
-    then the copy first, ...); the copy is dropped at the end. Returns
+    A copy of the bench database is made; each round runs both variants on
+    it, swapping the hash function's body in between (the order swapped
+    every round: chain first, then neutralised first, ...), after a
+    one-second warm-up of each; the copy is dropped at the end. Returns
     ``{"chain": [raw, ...], "neutralised": [raw, ...], "pg_cpu_s": {...}}``, a
     raw result per round as ``measure`` returns it; PostgreSQL's CPU is read
-    per database when ``postmaster`` (its pid) is given.
+    when ``postmaster`` (its pid) is given.
     """
-    copy = copy_without_chain_hash(url)
+    copy = copy_of(url)
     try:
-        urls = {"chain": url, "neutralised": copy}
+        hash_body = ChainHash(copy)
+        dbname = urlsplit(copy).path.lstrip("/")
+        groups = ({"pg": lambda: cpu.postgres_backends(postmaster, dbname)}
+                  if postmaster else {})
         out = {"chain": [], "neutralised": [], "pg_cpu_s": {"chain": 0.0, "neutralised": 0.0}}
-        for target in urls.values():
-            measure(target, clients=clients, seconds=1, pairs=pairs)  # warm-up: caches, plans
+        for variant in ("chain", "neutralised"):
+            hash_body.use(variant)
+            measure(copy, clients=clients, seconds=1, pairs=pairs)  # warm-up: caches, plans
         for n in range(rounds):
             for variant in (("chain", "neutralised") if n % 2 == 0 else
                             ("neutralised", "chain")):
-                dbname = urlsplit(urls[variant]).path.lstrip("/")
-                groups = ({"pg": lambda d=dbname: cpu.postgres_backends(postmaster, d)}
-                          if postmaster else {})
+                hash_body.use(variant)
                 meter = cpu.CpuMeter(groups).start()
-                out[variant].append(measure(urls[variant], clients=clients, seconds=seconds,
+                out[variant].append(measure(copy, clients=clients, seconds=seconds,
                                             pairs=pairs))
                 out["pg_cpu_s"][variant] += meter.stop().get("pg", 0.0)
         if not postmaster:

@@ -8,9 +8,9 @@ generator processes) drives each scenario with N keep-alive clients while
 the OS's CPU accounting of the app's processes and of PostgreSQL's backends
 is read; two ceilings are driven by pgbench: the ledger call alone, and
 every statement one keyed API transfer sends (captured from the app, see
-``replay.py``); the ledger call is driven again in alternating rounds on the
-bench database and on a copy whose chain hash is a constant (the chain's
-cost); history pages and balances as of random instants are timed at 10k,
+``replay.py``); the ledger call is driven again in alternating rounds on a
+copy of the bench database, its chain hash swapped for a constant in every
+other round (the chain's cost); history pages and balances as of random instants are timed at 10k,
 100k and 1M entries in one account. The table and each target are printed
 and written as JSON under bench/results/.
 """
@@ -583,8 +583,9 @@ def ceilings(ctx, settings):
 def chain_cost(ctx):
     """The ledger-call ceiling with the chain and with its hash neutralised (issue 14 item 2).
 
-    Rounds of about half ``--seconds`` each, alternating between the bench
-    database and a copy of it, medians compared; see ``ceiling.chain_cost``.
+    Rounds of about half ``--seconds`` each on a copy of the bench database,
+    the hash swapped in and out between rounds, medians compared; see
+    ``ceiling.chain_cost``.
     """
     # CREATE DATABASE ... TEMPLATE needs the bench database to itself: the
     # server is stopped by now, pgbench has exited, and this closes the pool.

@@ -56,7 +56,7 @@ def test_a_quick_bench_measures_every_part_and_reads_its_own_report(bench_url):
         100 * (1 - chain["chain"]["rps"] / chain["neutralised"]["rps"]), 1)
     assert chain["pg_cpu_extra_pct"] == round(
         100 * (chain["chain"]["pg_cpu_us"] / chain["neutralised"]["pg_cpu_us"] - 1), 1)
-    assert not _databases_like(bench_url, "%_nochain")
+    assert not _databases_like(bench_url, urlsplit(bench_url).path.lstrip("/") + "_nochain")
     # quick mode's scaling step: history pages and balances as of T at 1k and 4k entries
     scaled = {r["scenario"]: r for r in report["scaling"]}
     assert sorted(scaled) == sorted(f"{kind}@{n}" for n in (1000, 4000) for kind in (
@@ -83,11 +83,13 @@ def test_a_quick_bench_measures_every_part_and_reads_its_own_report(bench_url):
 
 
 def _the_copy_writes_a_constant_hash_where_the_bench_database_writes_the_chain(bench_url):
-    copy = ceiling.copy_without_chain_hash(bench_url)
+    copy = ceiling.copy_of(bench_url)
     try:
+        hash_body = ceiling.ChainHash(copy)
         newest = {}
-        for url in (bench_url, copy):
-            conn = psycopg2.connect(url)
+        for variant in ("neutralised", "chain"):  # and back: the swap goes both ways
+            hash_body.use(variant)
+            conn = psycopg2.connect(copy)
             conn.autocommit = True
             with conn.cursor() as cur:
                 cur.execute(ceiling.TRANSFER_SQL.format(n=1))  # the writer, every rule
@@ -96,16 +98,16 @@ def _the_copy_writes_a_constant_hash_where_the_bench_database_writes_the_chain(b
                             "JOIN transactions prev ON prev.account_id = e.account_id "
                             "AND prev.seq = e.seq - 1 WHERE p.n = 1 ORDER BY e.seq DESC LIMIT 1")
                 seq, stored, recomputed = cur.fetchone()
-                newest[url] = (seq, bytes(stored), bytes(recomputed))
+                newest[variant] = (seq, bytes(stored), bytes(recomputed))
             conn.close()
         constant = hashlib.sha256(b"").digest()
-        # same history up to the copy, one more entry each, numbered alike
-        assert newest[copy][0] == newest[bench_url][0]
-        assert newest[copy][1] == newest[copy][2] == constant
-        assert newest[bench_url][1] == newest[bench_url][2] != constant
+        # one entry after the other on the same account, each hashed by its variant
+        assert newest["chain"][0] == newest["neutralised"][0] + 1
+        assert newest["neutralised"][1] == newest["neutralised"][2] == constant
+        assert newest["chain"][1] == newest["chain"][2] != constant
     finally:
         ceiling.drop_copy(copy)
-    assert not _databases_like(bench_url, "%_nochain")
+    assert not _databases_like(bench_url, urlsplit(bench_url).path.lstrip("/") + "_nochain")
 
 
 def _databases_like(url, pattern):
