@@ -725,7 +725,7 @@ def serve(c, server="granian", host="127.0.0.1", port=8000, workers=None, thread
     "clients": "concurrent keep-alive clients per scenario (default 8; the @32 scenarios use 32)",
     "seconds": "seconds each scenario runs (default 10)",
     "scenario": "comma-separated subset of: bare, health, health_database, account, transfer, "
-                "p2p, deposit, withdrawal, card_payment, investment_buy, history_first, "
+                "batch, p2p, deposit, withdrawal, card_payment, investment_buy, history_first, "
                 "history_deep, statement, transfer@32, deposit@32 (default all)",
     "server": "granian (default), waitress, or both (every scenario under each, one run)",
     "workers": "worker processes of the server under test (default: granian 2, waitress 1)",
@@ -734,9 +734,9 @@ def serve(c, server="granian", host="127.0.0.1", port=8000, workers=None, thread
     "users": "seeded users (default 1000)",
     "accounts": "seeded checking + savings accounts, split between the users (default 2000)",
     "entries": "seeded ledger entries (default 200000)",
-    "scaling": "also time history pages at 10k, 100k and 1M entries in one account "
-               "(default on; --no-scaling skips it)",
-    "quick": "a smoke run: 1 s scenarios, 40 users, few entries, no scaling",
+    "scaling": "also time history pages and balances as of T at 10k, 100k and 1M entries in "
+               "one account (default on; --no-scaling skips it)",
+    "quick": "a smoke run: 1 s scenarios, 40 users, few entries, scaling at 1k and 4k only",
     "drop": "drop the bench database afterwards (default: keep it for `invoke db.verify`)",
 })
 def bench(c, clients=8, seconds=10, scenario=None, server="granian", workers=None, threads=16,

@@ -8,9 +8,11 @@ generator processes) drives each scenario with N keep-alive clients while
 the OS's CPU accounting of the app's processes and of PostgreSQL's backends
 is read; two ceilings are driven by pgbench: the ledger call alone, and
 every statement one keyed API transfer sends (captured from the app, see
-``replay.py``); history pages are timed at 10k, 100k and 1M entries in one
-account. The table and each target are printed and written as JSON under
-bench/results/.
+``replay.py``); the ledger call is driven again in alternating rounds on a
+copy of the bench database, its chain hash swapped for a constant in every
+other round (the chain's cost); history pages and balances as of random instants are timed at 10k,
+100k and 1M entries in one account. The table and each target are printed
+and written as JSON under bench/results/.
 """
 
 import json
@@ -53,16 +55,28 @@ MAIL_ENV = {"HOARDRUN_SMTP_URL": "smtp://127.0.0.1:2525",
             "HOARDRUN_MAIL_FROM": "no-reply@bench.hoardrun.test"}
 #: name -> clients (None: --clients). "bare" is the bare WSGI app's health.
 SCENARIOS = {"bare": None, "health": None, "health_database": None, "account": None,
-             "transfer": None, "p2p": None, "deposit": None, "withdrawal": None,
+             "transfer": None, "batch": None, "p2p": None, "deposit": None, "withdrawal": None,
              "card_payment": None, "investment_buy": None, "history_first": None,
              "history_deep": None, "statement": None, "transfer@32": 32, "deposit@32": 32}
 SERVERS = ("granian", "waitress")
+#: Legs per ``POST /payments/batch`` of the batch scenario (the API's maximum).
+BATCH_LEGS = 100
 SCALING_SIZES = (10_000, 100_000, 1_000_000)
-QUICK = {"seconds": 1, "users": 40, "accounts": 80, "entries": 2_000, "scaling_sizes": ()}
+# Quick mode still runs the scaling step, at two tiny sizes: every row and check
+# of it is exercised, in seconds.
+QUICK = {"seconds": 1, "users": 40, "accounts": 80, "entries": 2_000,
+         "scaling_sizes": (1_000, 4_000)}
+#: Distinct random instants per balance-as-of measurement, and how many of them
+#: fall before the account's first entry (where the balance is zero).
+AS_OF_INSTANTS = 400
+AS_OF_BEFORE_FIRST = 10
 TARGETS = {"full_ratio": 0.6, "transfer_app_cpu_us": 500.0, "transfer_p99_ms": 20.0,
            "history_vs_transfer": 1.0, "statement_vs_transfer": 1.5, "health_vs_bare": 0.5,
            "rss_mib": 200.0, "deposit_vs_transfer": 0.9, "deposit32_p99_ms": 60.0,
-           "scaling_spread": 1.5}
+           "scaling_spread": 1.5, "batch_legs_vs_transfer": 5.0, "as_of_p99_ms": 5.0,
+           "chain_slowdown_pct": 10.0}
+#: Alternating rounds per variant of the chain-cost ceiling.
+CHAIN_ROUNDS = 3
 CARD_USERS = 100
 
 
@@ -307,6 +321,13 @@ def build_requests(name, people, tokens, url, *, cards=None, count=400, depth=60
                         "unique_key": True,
                         "body": {"from_account_id": src, "to_account_id": dst,
                                  "amount": "0.01", "description": "bench"}})
+        elif name == "batch":
+            # Half the legs each way: every batch nets to zero, so nothing runs dry.
+            legs = [{"from_account_id": checking if k % 2 == 0 else savings,
+                     "to_account_id": savings if k % 2 == 0 else checking,
+                     "amount": "0.01", "description": "bench"} for k in range(BATCH_LEGS)]
+            out.append({"method": "POST", "path": "/api/v1/payments/batch",
+                        "headers": auth_header, "unique_key": True, "body": {"legs": legs}})
         elif name == "p2p":
             other = people[(i + 1 + rng.randrange(len(people) - 1)) % len(people)]
             out.append({"method": "POST", "path": "/api/v1/p2p", "headers": auth_header,
@@ -363,8 +384,42 @@ def _tokens(people):
     return {user_id: auth.issue_token(user_id)[0] for user_id, _, _ in people}
 
 
+def as_of_requests(url, account_id, headers, *, count=AS_OF_INSTANTS,
+                   before=AS_OF_BEFORE_FIRST, seed=0):
+    """``GET /balance?as_of=`` at ``count`` distinct random instants of one account's history.
+
+    ``count - before`` instants are spread uniformly between the account's
+    first and last entry (``seed.seed_scaling_account`` stamps them one second
+    apart, the last at seeding time), ``before`` more fall up to a day before
+    its first entry; the list is shuffled so no run of them is served alike.
+    """
+    conn = psycopg2.connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT min(created_at), max(created_at) FROM transactions "
+                    "WHERE account_id = %s", (account_id,))
+        first, last = cur.fetchone()
+    conn.close()
+    if first is None:
+        raise BenchError(f"account {account_id} has no entries")
+    rng = random.Random(seed)
+    span = (last - first).total_seconds()
+
+    def stamp(moment):
+        return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    inside, earlier = set(), set()
+    while len(inside) < count - before:
+        inside.add(stamp(first + timedelta(seconds=rng.uniform(0, span))))
+    while len(earlier) < before:
+        earlier.add(stamp(first - timedelta(seconds=rng.uniform(0.001, 86_400))))
+    instants = sorted(inside | earlier)
+    rng.shuffle(instants)
+    return [{"method": "GET", "path": f"/api/v1/accounts/{account_id}/balance?as_of={at}",
+             "headers": headers} for at in instants]
+
+
 def scaling(url, port, sizes, seconds, loadgen="auto"):
-    """First and deep history pages for one account at each size; latencies must stay flat.
+    """History pages and balances as of T in one account at each size; latencies must stay flat.
 
     Every account is seeded first and the writes settled (CHECKPOINT, ANALYZE)
     before any page is timed, so no size is measured while the server is still
@@ -388,9 +443,16 @@ def scaling(url, port, sizes, seconds, loadgen="auto"):
             drive(port, 1, 1, request, loadgen=loadgen)  # warm-up: caches and plans
             row = summarise(f"history_{label}@{size}",
                             drive(port, 1, seconds, request, loadgen=loadgen))
-            row.update({"entries": size, "page": label, "clients": 1})
+            row.update({"entries": size, "kind": "history", "page": label, "clients": 1})
             rows.append(row)
             log.info("scaling %s page at %d entries: p50 %.2f ms", label, size, row["p50_ms"])
+        request = as_of_requests(url, account_id, header, seed=size)
+        drive(port, 1, 1, request, loadgen=loadgen)  # warm-up
+        row = summarise(f"balance_as_of@{size}", drive(port, 1, seconds, request, loadgen=loadgen))
+        row.update({"entries": size, "kind": "balance_as_of", "clients": 1})
+        rows.append(row)
+        log.info("scaling balance as of T at %d entries: p50 %.2f ms, p99 %.2f ms", size,
+                 row["p50_ms"], row["p99_ms"])
     dbm.release_connection()
     return rows
 
@@ -464,6 +526,9 @@ def serve_and_measure(server_name, names, ctx):
             row = measure(server, name, requests, clients, ctx["seconds"],
                           loadgen=ctx["loadgen"], postgres=ctx["postmaster"],
                           dbname=ctx["dbname"])
+            if base == "batch":
+                row["legs"] = BATCH_LEGS
+                row["legs_per_s"] = round(BATCH_LEGS * row["rps"], 1)
             part["scenarios"].append(row)
             log.info("%-8s %-16s %8.1f req/s  p99 %7.2f ms  app %s us  pg %s us  errors %d",
                      server_name, name, row["rps"], row["p99_ms"], row["app_cpu_us"],
@@ -479,7 +544,11 @@ def serve_and_measure(server_name, names, ctx):
 
 
 def ceilings(ctx, settings):
-    """Both pgbench ceilings at ``--clients``: the ledger call, and the whole keyed request."""
+    """The pgbench ceilings at ``--clients``: the ledger call and the whole keyed request.
+
+    Then the ledger call with and without the chain hash (``chain_cost``), put
+    straight into the report.
+    """
     url, clients, seconds = ctx["url"], ctx["clients"], ctx["seconds"]
     groups = ({"postgres": lambda: cpu.postgres_backends(ctx["postmaster"], ctx["dbname"])}
               if ctx["postmaster"] else {})
@@ -489,19 +558,63 @@ def ceilings(ctx, settings):
         url, clients=clients, seconds=seconds, pairs=len(ctx["people"])))
     row["pg_cpu_us"] = cpu.per_request_us(meter.stop().get("postgres"), row["requests"])
     out["ledger"] = row
-    if not shutil.which("pgbench"):
-        return out
-    dbm.init_db(settings)
-    captured = replay.capture(settings, ctx["people"][0], ctx["tokens"][ctx["people"][0][0]])
-    scripts = replay.scripts(captured, ctx["people"], ctx["tokens"])
+    if shutil.which("pgbench"):
+        # init_db binds a new pool: close the old one's idle connections first
+        # (nothing else would, and the chain cost needs the database to itself).
+        dbm.close_db()
+        dbm.init_db(settings)
+        captured = replay.capture(settings, ctx["people"][0],
+                                  ctx["tokens"][ctx["people"][0][0]])
+        scripts = replay.scripts(captured, ctx["people"], ctx["tokens"])
+        dbm.close_db()
+        meter = cpu.CpuMeter(groups).start()
+        row = summarise("full request (pgbench)", ceiling.run_pgbench(
+            url, clients, seconds, scripts, defines={"hr_prepared": 0}))
+        row["pg_cpu_us"] = cpu.per_request_us(meter.stop().get("postgres"), row["requests"])
+        row["round_trips"] = len(captured["round_trips"])
+        out["full"] = row
+        ctx["report"]["captured"] = captured["round_trips"]
+    # Last: copying the database checkpoints the server, whose next writes
+    # then pay full-page images; no other ceiling should.
+    ctx["report"]["chain_cost"] = chain_cost(ctx)
+    return out
+
+
+def chain_cost(ctx):
+    """The ledger-call ceiling with the chain and with its hash neutralised (issue 14 item 2).
+
+    Rounds of about half ``--seconds`` each on a copy of the bench database,
+    the hash swapped in and out between rounds, medians compared; see
+    ``ceiling.chain_cost``.
+    """
+    # CREATE DATABASE ... TEMPLATE needs the bench database to itself: the
+    # server is stopped by now, pgbench has exited, and this closes the pool.
     dbm.close_db()
-    meter = cpu.CpuMeter(groups).start()
-    row = summarise("full request (pgbench)", ceiling.run_pgbench(
-        url, clients, seconds, scripts, defines={"hr_prepared": 0}))
-    row["pg_cpu_us"] = cpu.per_request_us(meter.stop().get("postgres"), row["requests"])
-    row["round_trips"] = len(captured["round_trips"])
-    out["full"] = row
-    ctx["report"]["captured"] = captured["round_trips"]
+    seconds = max(1, -(-int(ctx["seconds"]) // 2))
+    raw = ceiling.chain_cost(ctx["url"], clients=ctx["clients"], seconds=seconds,
+                             pairs=len(ctx["people"]), rounds=CHAIN_ROUNDS,
+                             postmaster=ctx["postmaster"])
+    out = {"rounds": CHAIN_ROUNDS, "round_seconds": seconds}
+    for variant, label in (("chain", "ledger call, with the chain"),
+                           ("neutralised", ceiling.NEUTRALISED_LABEL)):
+        rounds = raw[variant]
+        merged = {"latencies": [x for r in rounds for x in r["latencies"]],
+                  "errors": sum(r["errors"] for r in rounds),
+                  "elapsed": sum(r["elapsed"] for r in rounds)}
+        row = summarise(label, merged)
+        row["rps"] = round(ceiling.median_rate(rounds), 1)  # the median round, not the mean
+        row["rounds_rps"] = [round(ceiling.median_rate([r]), 1) for r in rounds]
+        row["pg_cpu_us"] = cpu.per_request_us((raw["pg_cpu_s"] or {}).get(variant),
+                                              row["requests"])
+        out[variant] = row
+    with_chain, without = out["chain"]["rps"], out["neutralised"]["rps"]
+    out["slowdown_pct"] = round(100.0 * (1 - with_chain / max(without, 1e-9)), 1)
+    # For information: CPU per call is less at the mercy of a busy machine than calls/s.
+    cpu_with, cpu_without = out["chain"]["pg_cpu_us"], out["neutralised"]["pg_cpu_us"]
+    out["pg_cpu_extra_pct"] = (round(100.0 * (cpu_with / cpu_without - 1), 1)
+                               if cpu_with and cpu_without else None)
+    log.info("chain cost: %.1f/s with the chain, %.1f/s with its hash neutralised: %.1f %% "
+             "slower", with_chain, without, out["slowdown_pct"])
     return out
 
 
@@ -512,7 +625,7 @@ def run(*, clients=8, seconds=10, scenario=None, users=1000, accounts=2000, entr
     if quick:
         seconds, users, accounts, entries = (QUICK[k] for k in ("seconds", "users", "accounts",
                                                                 "entries"))
-        scaling_sizes = QUICK["scaling_sizes"]
+        scaling_sizes = QUICK["scaling_sizes"] if scaling_sizes else ()
     url = url or os.environ.get("BENCH_DATABASE_URL") or DEFAULT_URL
     servers = SERVERS if server == "both" else (server,)
     if any(s not in SERVERS for s in servers):
@@ -571,7 +684,7 @@ def _check(out, name, measured, target, passed, note=""):
 
 
 def checks(report):
-    """Each target of issue 12 item 4: (name, measured, target, passed, note)."""
+    """Each target of issues 12 (item 4), 13 and 14: (name, measured, target, passed, note)."""
     out = []
     full = report.get("ceilings", {}).get("full")
     item2 = "item 2: cash movements spread over settlement buckets (migration 009)"
@@ -598,6 +711,11 @@ def checks(report):
                     ratio = rows[name]["rps"] / max(transfer["rps"], 1e-9)
                     _check(out, f"{tag} {name} / transfer", round(ratio, 2), target,
                            ratio >= target)
+            if "batch" in rows:
+                ratio = rows["batch"]["legs_per_s"] / max(transfer["rps"], 1e-9)
+                _check(out, f"{tag} batch legs/s / transfer/s", round(ratio, 2),
+                       TARGETS["batch_legs_vs_transfer"],
+                       ratio >= TARGETS["batch_legs_vs_transfer"], "issue 13 item 2")
             for name, base in (("deposit", transfer), ("deposit@32", rows.get("transfer@32"))):
                 if name in rows and base:
                     ratio = rows[name]["rps"] / max(base["rps"], 1e-9)
@@ -617,17 +735,51 @@ def checks(report):
         errors = sum(r["errors"] for r in run["scenarios"])
         _check(out, f"{tag} errors", errors, 0, errors == 0)
     if report.get("scaling"):
-        for page in ("first", "deep"):
-            p50s = [r["p50_ms"] for r in report["scaling"] if r["page"] == page]
+        sizes = sorted({r["entries"] for r in report["scaling"]})
+        span = f"{count_label(sizes[0])}..{count_label(sizes[-1])}"
+        history = [r for r in report["scaling"] if r.get("kind", "history") == "history"]
+        for page in ("first", "deep") if len(sizes) > 1 else ():
+            p50s = [r["p50_ms"] for r in history if r["page"] == page]
             spread = max(p50s) / max(min(p50s), 1e-9)
-            _check(out, f"history {page} page spread 10k..1M", round(spread, 2),
+            _check(out, f"history {page} page spread {span}", round(spread, 2),
                    TARGETS["scaling_spread"], spread <= TARGETS["scaling_spread"])
+        as_of = as_of_rows(report)
+        if as_of:
+            item3 = "issue 13 item 3"
+            largest = as_of[-1]
+            _check(out, f"balance as of p99 ms at {count_label(largest['entries'])} entries",
+                   largest["p99_ms"], TARGETS["as_of_p99_ms"],
+                   largest["p99_ms"] < TARGETS["as_of_p99_ms"], item3)
+            if len(as_of) > 1:
+                spread = largest["p99_ms"] / max(as_of[0]["p99_ms"], 1e-9)
+                _check(out, f"balance as of p99 spread {span}", round(spread, 2),
+                       TARGETS["scaling_spread"], spread <= TARGETS["scaling_spread"], item3)
         errors = sum(r["errors"] for r in report["scaling"])
         _check(out, "scaling errors", errors, 0, errors == 0)
+    chain = report.get("chain_cost")
+    if chain:
+        _check(out, "ledger call: % slower with the chain than with its hash neutralised",
+               chain["slowdown_pct"], TARGETS["chain_slowdown_pct"],
+               chain["slowdown_pct"] <= TARGETS["chain_slowdown_pct"], "issue 14 item 2")
     ceiling_errors = sum(r["errors"] for r in report.get("ceilings", {}).values())
+    ceiling_errors += sum(chain[k]["errors"] for k in ("chain", "neutralised")) if chain else 0
     _check(out, "ceiling errors", ceiling_errors, 0, ceiling_errors == 0)
     _check(out, "db.verify problems", len(report["verify"]), 0, not report["verify"])
     return out
+
+
+def count_label(n):
+    """``10000`` -> ``10k``, ``1000000`` -> ``1M``; any other count as digits."""
+    for unit, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def as_of_rows(report):
+    """The scaling step's balance-as-of rows, smallest account first."""
+    return sorted((r for r in report.get("scaling") or () if r.get("kind") == "balance_as_of"),
+                  key=lambda r: r["entries"])
 
 
 def machine():
@@ -639,7 +791,7 @@ def machine():
 
 def format_report(report):
     """The table the task prints."""
-    head = (f"{'scenario':<30}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+    head = (f"{'scenario':<38}{'clients':>8}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
             f"{'app us':>9}{'pg us':>9}{'errors':>8}")
     lines = []
     if report["loadgen"] == "python":
@@ -651,7 +803,7 @@ def format_report(report):
     def fmt(r, label=None):
         def num(v):
             return f"{v:>9.0f}" if isinstance(v, (int, float)) else f"{'-':>9}"
-        return (f"{(label or r['scenario']):<30}{r.get('clients', report['clients']):>8}"
+        return (f"{(label or r['scenario']):<38}{r.get('clients', report['clients']):>8}"
                 f"{r['rps']:>10.1f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                 f"{num(r.get('app_cpu_us'))}{num(r.get('pg_cpu_us'))}{r['errors']:>8}")
 
@@ -669,12 +821,39 @@ def format_report(report):
                                         ("ledger", "API transfer / ledger-call"))
                      if key in ceil and ceil[key]["rps"]]
             lines.append("  " + ";  ".join(parts))
+        if "batch" in rows:
+            b = rows["batch"]
+            ratio = (f" = {b['legs_per_s'] / rows['transfer']['rps']:.2f} x transfer/s"
+                     if rows.get("transfer", {}).get("rps") else "")
+            lines.append(f"  batch: {b['legs_per_s']:.1f} legs/s ({b['legs']} legs x "
+                         f"{b['rps']:.1f} batches/s){ratio}")
     if ceil:
         lines += ["", "ceilings (pgbench, no app)", head]
         lines += [fmt(r) for r in ceil.values()]
+    chain = report.get("chain_cost")
+    if chain:
+        lines += ["", f"chain cost (ledger call, {chain['rounds']} alternating rounds of "
+                      f"{chain['round_seconds']} s each, median round)", head]
+        lines += [fmt(chain[k]) for k in ("chain", "neutralised")]
+        lines.append(f"  calls/s per round: with the chain {chain['chain']['rounds_rps']}, "
+                     f"hash neutralised {chain['neutralised']['rounds_rps']}")
+        cpu_note = (f"; PostgreSQL CPU per call {chain['pg_cpu_extra_pct']:+} %"
+                    if chain.get("pg_cpu_extra_pct") is not None else "")
+        lines.append(f"  with the chain: {chain['slowdown_pct']} % slower (median rounds)"
+                     + cpu_note)
     if report.get("scaling"):
         lines += ["", "history pages, 1 client", head]
-        lines += [fmt(r) for r in report["scaling"]]
+        lines += [fmt(r) for r in report["scaling"] if r.get("kind", "history") == "history"]
+    as_of = as_of_rows(report)
+    if as_of:
+        lines += ["", f"balance as of T, 1 client, {AS_OF_INSTANTS} random instants per account",
+                  head]
+        lines += [fmt(r) for r in as_of]
+        if len(as_of) > 1:
+            small, large = as_of[0], as_of[-1]
+            lines.append(f"  largest / smallest account: p50 "
+                         f"{large['p50_ms'] / max(small['p50_ms'], 1e-9):.2f} x, p99 "
+                         f"{large['p99_ms'] / max(small['p99_ms'], 1e-9):.2f} x")
     lines.append("")
     lines.append(f"db.verify: {'clean' if not report['verify'] else report['verify'][:3]}")
     for name, measured, target, passed, note in report["checks"]:

@@ -1,12 +1,13 @@
 """The bench's own arithmetic: wrk's output, the replayed SQL, CPU accounting."""
 
+import json
 import subprocess
 import sys
 
 import psutil
 import pytest
 
-from bench import cpu, replay, wrk
+from bench import ceiling, cpu, replay, runner, wrk
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8123
   2 threads and 8 connections
@@ -86,3 +87,99 @@ def test_cpu_meter_counts_only_what_the_processes_used_while_it_ran():
         burn.wait()
     assert cpu.per_request_us(0.5, 1000) == 500.0
     assert cpu.per_request_us(None, 1000) is None and cpu.per_request_us(1.0, 0) is None
+
+
+def test_a_batch_request_is_a_full_batch_between_two_own_accounts_that_nets_to_zero():
+    people = [(f"u{i}", f"u{i}@x", {"checking": f"c{i}", "savings": f"s{i}"}) for i in range(3)]
+    tokens = {p[0]: f"t-{p[0]}" for p in people}
+    requests = runner.build_requests("batch", people, tokens, url=None, count=20)
+    assert len(requests) == 20
+    for spec in requests:
+        assert spec["method"] == "POST" and spec["path"] == "/api/v1/payments/batch"
+        assert spec["unique_key"] is True  # one Idempotency-Key per batch, fresh each time
+        legs = spec["body"]["legs"]
+        assert len(legs) == runner.BATCH_LEGS == 100
+        user = spec["headers"]["Authorization"].removeprefix("Bearer t-")
+        own = {f"c{user[1:]}", f"s{user[1:]}"}
+        net = {}
+        for leg in legs:
+            assert {leg["from_account_id"], leg["to_account_id"]} == own
+            net[leg["from_account_id"]] = net.get(leg["from_account_id"], 0) - 1
+            net[leg["to_account_id"]] = net.get(leg["to_account_id"], 0) + 1
+        assert set(net.values()) == {0}
+    # a ~16 KB body still reaches wrk whole: one long-bracket string literal
+    body = json.dumps(requests[0]["body"])
+    assert len(body) > 8000 and f"[====[{body}]====]" in wrk.script(requests[:1])
+
+
+def test_the_neutralised_chain_hash_keeps_the_signature_and_drops_the_hashing():
+    installed = ("CREATE OR REPLACE FUNCTION public.hoardrun_entry_hash(p_prev bytea, p_id uuid)\n"
+                 " RETURNS bytea\n LANGUAGE sql\n STABLE PARALLEL SAFE\nAS $function$\n"
+                 "    SELECT sha256(coalesce(p_prev, '\\x'::bytea) || convert_to(concat_ws(',',"
+                 " 'hr1', quote_nullable(p_id)), 'UTF8'))\n$function$\n")
+    ddl = ceiling.with_constant_body(installed)
+    assert ddl.startswith(installed[:installed.index("$function$")])  # signature and all
+    assert "concat_ws" not in ddl and "p_prev" not in ddl.split("AS $function$")[1]
+    assert ddl.endswith("AS $function$\n    SELECT sha256('\\x'::bytea)\n$function$\n")
+    # another dollar tag, and one in the body that is not the closing one
+    assert ceiling.with_constant_body("AS $b$ SELECT '$x$' $b$").endswith(
+        f"AS $b$\n    {ceiling.CONSTANT_HASH}\n$b$")
+    with pytest.raises(ValueError, match="no dollar-quoted body"):
+        ceiling.with_constant_body("CREATE FUNCTION f() RETURNS int AS 'SELECT 1'")
+
+
+def _report(transfer_rps, batch_rps, as_of_p99s, slowdown_pct):
+    row = {"requests": 100, "p50_ms": 1.0, "p95_ms": 2.0, "errors": 0, "error_samples": [],
+           "clients": 8, "app_cpu_us": 100.0, "pg_cpu_us": 100.0}
+    scaling = []
+    for size, p99 in as_of_p99s.items():
+        scaling += [{**row, "scenario": f"history_{page}@{size}", "entries": size,
+                     "kind": "history", "page": page, "rps": 300.0, "p99_ms": 3.0}
+                    for page in ("first", "deep")]
+        scaling.append({**row, "scenario": f"balance_as_of@{size}", "entries": size,
+                        "kind": "balance_as_of", "rps": 500.0, "p99_ms": p99})
+    chain = {"rounds": 3, "round_seconds": 5, "slowdown_pct": slowdown_pct, "pg_cpu_extra_pct": 7.6,
+             "chain": {**row, "scenario": "ledger call, with the chain", "rps": 900.0,
+                       "p99_ms": 9.0, "rounds_rps": [900.0] * 3},
+             "neutralised": {**row, "scenario": ceiling.NEUTRALISED_LABEL, "rps": 950.0,
+                             "p99_ms": 9.0, "rounds_rps": [950.0] * 3}}
+    return {"loadgen": "wrk", "clients": 8, "verify": [], "path": "x.json",
+            "runs": [{"server": "granian", "workers": 2, "threads": 16,
+                      "peak_rss_mib_per_worker": 70.0, "scenarios": [
+                          {**row, "scenario": "transfer", "rps": transfer_rps, "p99_ms": 9.0},
+                          {**row, "scenario": "batch", "rps": batch_rps, "p99_ms": 200.0,
+                           "legs": 100, "legs_per_s": 100 * batch_rps}]}],
+            "scaling": scaling, "chain_cost": chain}
+
+
+def _verdicts(report):
+    return {name: (measured, passed) for name, measured, _, passed, _ in runner.checks(report)}
+
+
+def test_the_new_targets_pass_and_fail_where_they_should():
+    good = _verdicts(_report(400.0, 21.0, {10_000: 2.0, 1_000_000: 2.9}, 9.5))
+    assert good["[granian x2] batch legs/s / transfer/s"] == (5.25, True)
+    assert good["balance as of p99 ms at 1M entries"] == (2.9, True)
+    assert good["balance as of p99 spread 10k..1M"] == (1.45, True)
+    assert good["ledger call: % slower with the chain than with its hash neutralised"] == (
+        9.5, True)
+    assert good["history first page spread 10k..1M"] == (1.0, True)
+    bad = _verdicts(_report(400.0, 19.0, {10_000: 2.0, 1_000_000: 5.0}, 10.5))
+    assert bad["[granian x2] batch legs/s / transfer/s"] == (4.75, False)
+    assert bad["balance as of p99 ms at 1M entries"] == (5.0, False)  # strictly below 5
+    assert bad["balance as of p99 spread 10k..1M"] == (2.5, False)
+    assert bad["ledger call: % slower with the chain than with its hash neutralised"][1] is False
+    # one size: no spread to compare, so no spread check that could only pass
+    single = _verdicts(_report(400.0, 21.0, {4_000: 2.0}, 0.0))
+    assert "balance as of p99 ms at 4k entries" in single
+    assert not [name for name in single if "spread" in name]
+
+
+def test_the_report_prints_each_new_part():
+    text = runner.format_report({**_report(400.0, 21.0, {10_000: 2.0, 1_000_000: 3.0}, 5.3),
+                                 "checks": []})
+    assert "batch: 2100.0 legs/s (100 legs x 21.0 batches/s) = 5.25 x transfer/s" in text
+    assert "ledger call, chain hash neutralised" in text and "5.3 % slower" in text
+    assert "PostgreSQL CPU per call +7.6 %" in text
+    assert "balance_as_of@1000000" in text and "p50 1.00 x, p99 1.50 x" in text
+    assert runner.count_label(100_000) == "100k" and runner.count_label(1_500) == "1500"
