@@ -38,15 +38,29 @@ INTERVAL = 0.1
 _HANDLERS = weakref.WeakSet()
 
 
-def _flush_all():
+def _before_fork():
+    # Write what is queued (or the child, which inherits the queue, writes the
+    # parent's lines a second time), and hold each writer's lock through the
+    # fork: no thread of ours is then inside the stream's write, whose own
+    # lock a child would inherit held.
     for handler in list(_HANDLERS):
-        handler.flush()
+        handler._write_lock.acquire()
+        handler._drain()
+
+
+def _after_fork_in_parent():
+    for handler in list(_HANDLERS):
+        handler._write_lock.release()
+
+
+def _after_fork_in_child():
+    for handler in list(_HANDLERS):
+        handler._forked()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
-    # What is queued at a fork is written first, or the child, which
-    # inherits the queue, would write the parent's lines a second time.
-    os.register_at_fork(before=_flush_all)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 class BatchedStreamHandler(logging.Handler):
@@ -84,24 +98,28 @@ class BatchedStreamHandler(logging.Handler):
     def flush(self):
         """Write every queued record, oldest first, in one write."""
         with self._write_lock:
-            lines = []
-            while True:
-                try:
-                    record = self._pending.popleft()
-                except IndexError:
-                    break
-                try:
-                    lines.append(self.format(record))
-                except Exception:  # noqa: BLE001 - logging's own rule: never raise
-                    self.handleError(record)
-            if not lines:
-                return
+            self._drain()
+
+    def _drain(self):
+        # Under _write_lock.
+        lines = []
+        while True:
             try:
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
-            except Exception:  # noqa: BLE001
-                # A closed or broken stream must not take a request down with it.
-                pass
+                record = self._pending.popleft()
+            except IndexError:
+                break
+            try:
+                lines.append(self.format(record))
+            except Exception:  # noqa: BLE001 - logging's own rule: never raise
+                self.handleError(record)
+        if not lines:
+            return
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:  # noqa: BLE001
+            # A closed or broken stream must not take a request down with it.
+            pass
 
     def close(self):
         """Write what is queued and stop the writer thread."""
@@ -109,16 +127,18 @@ class BatchedStreamHandler(logging.Handler):
         self.flush()
         super().close()
 
+    def _forked(self):
+        # In a new child: the parent's writer thread is not here, and a lock
+        # one of its threads held at the fork would stay held for good.
+        self._write_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._pid = None
+
     def _start(self):
         # Under the handler's own lock: two first records must not start two threads.
         with self.lock:
             if self._pid == os.getpid():
                 return
-            if self._pid is not None:
-                # Forked: a lock the parent's threads held at the fork stays
-                # held in the child (the writer's wait holds the event's).
-                self._write_lock = threading.Lock()
-                self._stopping = threading.Event()
             self._pid = os.getpid()
             threading.Thread(target=self._run, name="hoardrun-log-writer",
                              daemon=True).start()
