@@ -27,6 +27,7 @@ from .. import embedded
 from .. import schema
 from ..config import load_settings
 from ..health import pending_migrations, shown_database_url
+from . import logs
 from .app import get_app
 
 log = logging.getLogger("hoardrun.serve")
@@ -108,8 +109,7 @@ def stop(server, thread=None, timeout=10):
 
 def _configure_logging():
     """INFO lines with time and logger (idempotent when the caller configured logging)."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(logging.INFO)
     # One line per applied migration is ours; the router would log every
     # statement of every migration (tens of kilobytes of PL/pgSQL).
     for name in ("peewee_migrate", "hoardrun.migrations"):

@@ -116,6 +116,43 @@ def echo(app):
     return resource
 
 
+class Counted:
+    """No input model: in production spectree has nothing to check (a fast path)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @spec.validate(resp=Response(HTTP_200=EchoOut), tags=["test"])
+    def on_get(self, req, resp, name):
+        self.calls += 1
+        resp.media = {"amount": Decimal("1.50"), "name": name, "limit": 1}
+
+
+def test_with_responses_trusted_input_is_still_validated_and_each_responder_runs_once(
+        settings, database):
+    # Production trusts responses (RequestContext); a route with no input model
+    # then skips spectree entirely, and one with models must still refuse input.
+    app = create_app(settings.replace(env="production"))
+    echo, counted = Echo(), Counted()
+    app.add_route("/test/echo", echo)
+    app.add_route("/test/counted/{name}", counted)
+    client = testing.TestClient(app)
+    resp = client.simulate_get("/test/counted/abc")
+    assert resp.status_code == 200, resp.text
+    assert resp.json == {"amount": "1.50", "name": "abc", "limit": 1}
+    assert counted.calls == 1
+    body = problem(client.simulate_post("/test/echo", params={"limit": "1000"},
+                                        json={"amount": "1", "name": "x"}), 422)
+    assert [e["field"] for e in body["errors"]] == ["limit"]
+    body = problem(client.simulate_post("/test/echo", params={"limit": "5"},
+                                        json={"amount": "1", "name": "a\x00b"}), 422)
+    assert [e["field"] for e in body["errors"]] == ["name"]
+    assert echo.calls == 0
+    resp = client.simulate_post("/test/echo", params={"limit": "5"},
+                                json={"amount": "2.5", "name": "ok"})
+    assert resp.status_code == 200 and echo.calls == 1, resp.text
+
+
 # -- errors --------------------------------------------------------------------
 
 def test_unknown_route_is_a_404_problem(client):
