@@ -295,7 +295,8 @@ BEGIN
             NULL, NULL, v_at, NULL, NULL);
         v_hash[f] := v_debit.chain_hash;
         v_hash[t] := v_credit.chain_hash;
-        v_entries := array_append(array_append(v_entries, v_debit), v_credit);
+        v_entries[2 * i - 1] := v_debit;
+        v_entries[2 * i] := v_credit;
         p.movement_id := p_ids[i];
         p.currency := v_currency[f];
         p.amount := p_amounts[i];
@@ -304,7 +305,7 @@ BEGIN
         p.credit_account := p_to[i];
         p.credit_balance := v_stored[t];
         p.posted_at := v_at;
-        v_postings := array_append(v_postings, p);
+        v_postings[i] := p;
     END LOOP;
     -- The legs' own rows first (the entries reference them), in leg order.
     INSERT INTO transfers (id, user_id, from_account_id, to_account_id, amount,
