@@ -222,9 +222,9 @@ BEGIN
         ELSIF f IS NULL OR v_users[f] IS DISTINCT FROM p_user OR v_type[f] = 'settlement' THEN
             v_code := 'HR404'; v_side := 'source'; v_message := 'account not found';
         ELSIF t IS NULL OR v_users[t] IS NULL
-              OR (NOT p_p2p[i] AND v_users[t] <> p_user) THEN
+              OR (NOT coalesce(p_p2p[i], false) AND v_users[t] <> p_user) THEN
             v_code := 'HR404'; v_side := 'destination'; v_message := 'account not found';
-        ELSIF p_p2p[i] AND v_users[t] = p_user THEN
+        ELSIF coalesce(p_p2p[i], false) AND v_users[t] = p_user THEN
             v_code := 'HR004'; v_side := 'destination'; v_message := 'cannot pay yourself';
         ELSIF v_status[f] <> 'active' THEN
             v_code := 'HR002'; v_side := 'source';
@@ -270,7 +270,7 @@ BEGIN
             v_at := v_prev + interval '1 microsecond';
         END IF;
         v_prev := v_at;
-        -- A leg that is not a P2P payment (false, or NULL as 008 read it) is a transfer.
+        -- A leg that is not a P2P payment (false, or NULL) is a transfer, validated as one.
         v_p2p[i] := coalesce(p_p2p[i], false);
         v_leg_at[i] := v_at;
         v_leg_currency[i] := v_currency[f];

@@ -8,9 +8,11 @@ and the same answers and rows as migration 008's leg-by-leg batch.
 """
 
 import importlib.util
+import json
 import random
 import uuid
 
+import peewee as pw
 import psycopg2
 import pytest
 
@@ -164,6 +166,24 @@ def test_a_refused_batch_names_every_leg_and_writes_nothing(world):
         (1, "source"), (2, "destination")]
     assert (Transaction.select().count(), [Account.get_by_id(a.id).balance
                                            for a in (w.a1, w.a2, w.b1)]) == before
+
+
+def test_a_leg_with_no_p2p_flag_is_a_transfer_and_may_not_reach_another_user(world):
+    # Only raw SQL can send NULL (ledger.batch sends true or false); it must
+    # not slip past the "the destination is mine" check of a transfer.
+    w = world
+    from hoardrun.db import db
+    movement = uuid.uuid4()
+    with pytest.raises(pw.OperationalError) as refused, db.atomic():
+        db.execute_sql(
+            "SELECT * FROM hoardrun_batch(%s, %s::uuid[], %s::boolean[], %s::uuid[], "
+            "%s::uuid[], %s::bigint[], %s::text[], %s::text[])",
+            (w.alice.id.hex, [movement.hex], [None], [w.a1.id.hex], [w.b1.id.hex], [100],
+             [ledger.new_reference("TRF", movement)], [None]))
+    assert refused.value.orig.pgcode == "HR030"
+    assert json.loads(refused.value.orig.diag.message_detail) == [
+        {"code": "HR404", "side": "destination", "index": 0, "message": "account not found"}]
+    assert Account.get_by_id(w.b1.id).balance == 0
 
 
 # ---------------------------------------------------------------------------
