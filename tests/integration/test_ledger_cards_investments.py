@@ -5,6 +5,7 @@ import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 
+import peewee as pw
 import pytest
 
 from hoardrun import accounts, errors, ledger
@@ -208,3 +209,18 @@ def test_trading_needs_an_investment_account_of_the_price_currency(owner, broker
     ledger.deposit(euro.id, 10_000)
     with pytest.raises(errors.CurrencyMismatch):
         ledger.buy(owner.id, euro.id, "ACME", Decimal("1"))
+
+
+def test_the_writer_refuses_one_account_on_both_sides(owner, funded):
+    # Migration 015 moves both balances with one UPDATE, which would move a
+    # single account once: the writer itself must refuse the pair.
+    before = Account.get_by_id(funded.id).balance
+    with pytest.raises(pw.DatabaseError, match="same account"):
+        with db.atomic():
+            db.execute_sql(
+                "SELECT hoardrun_apply_pair_at(%s, %s, %s, 100, 'USD', 'transfer_out', "
+                "'transfer_in', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+                "clock_timestamp(), NULL, NULL)",
+                (uuid.uuid4().hex, funded.id.hex, funded.id.hex))
+    assert Account.get_by_id(funded.id).balance == before
+    assert ledger.verify() == []
