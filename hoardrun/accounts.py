@@ -90,9 +90,11 @@ def open_account(user_id, type, currency, name, *, is_primary=None, overdraft_li
 
 
 # The hot reads (every account GET, the account list) are SQL text built
-# once from the model: compiling the peewee select cost ~250 µs of CPU per
-# call, more than running it (PERFORMANCE.md item 1). The column list is the
-# model's own, so a new field is read here without anyone remembering to.
+# once from the model: building and compiling the peewee select cost more CPU
+# than running it (PERFORMANCE.md item 1; issue 12: an account GET fell from
+# ~0.8 to ~0.4 ms of CPU in process). The column list is the model's own, so
+# a new field is read here without anyone remembering to. Parameters go
+# through the fields' ``db_value``, as the peewee comparisons did.
 _FIELDS = tuple(Account._meta.sorted_fields)
 _SELECT_WITH_HELD = "SELECT {}, hoardrun_held(a.id, %s) AS held FROM {} a ".format(
     ", ".join(f'a."{field.column_name}"' for field in _FIELDS), Account._meta.table_name)
