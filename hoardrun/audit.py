@@ -11,6 +11,7 @@ from datetime import date, datetime
 from decimal import Decimal
 
 from .db import execute_deferred
+from .ids import as_uuid
 from .money import CURRENCIES, format_amount
 
 #: Keys of an audit state that hold money as integer minor units. Rows store
@@ -39,7 +40,7 @@ def record(action, entity_type, entity_id=None, *, actor_id=None, before=None, a
     ``entity_id`` is stored as text in its canonical form (UUIDs with dashes).
     """
     row_id = uuid.uuid4()
-    values = [row_id.hex, None if actor_id is None else uuid.UUID(str(actor_id)).hex, action,
+    values = [row_id.hex, None if actor_id is None else as_uuid(actor_id).hex, action,
               entity_type, None if entity_id is None else str(entity_id), _dump(before),
               _dump(after), request_id]
     # Nobody reads this insert back in the request: it rides with the

@@ -34,6 +34,7 @@ from . import audit, errors
 from .config import DEFAULT_TOKEN_TTL
 from .clock import utcnow
 from .db import db
+from .ids import as_uuid
 from .models import AuthToken, User
 from .security import (
     dummy_verify, hash_password, hash_token, looks_like_token, needs_rehash, new_token,
@@ -94,7 +95,7 @@ def authenticate(token, *, now=None):
     if row is None:
         return None
     user_id, email, role, status = row
-    return CurrentUser(uuid.UUID(str(user_id)), email, role, status)
+    return CurrentUser(as_uuid(user_id), email, role, status)
 
 
 def issue_token(user_id, *, ttl=DEFAULT_TOKEN_TTL, now=None):

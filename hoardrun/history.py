@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from . import errors
 from .cursors import check_limit, encode_cursor, keyset, page_of
 from .db import db, to_utc
-from .ids import parse_id
+from .ids import as_uuid, parse_id
 from .models import DIRECTIONS, ENTRY_STATUSES, ENTRY_TYPES, MOVEMENT_STATUSES, Transaction
 from .money import parse_amount
 
@@ -140,7 +140,7 @@ class Statement:
 
 
 def _hex(value):
-    return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).hex
+    return as_uuid(value).hex
 
 
 def _uuid(value):

@@ -46,6 +46,7 @@ import peewee as pw
 from . import errors
 from .config import DEFAULT_IDEMPOTENCY_TTL
 from .db import db, driver_error, execute_deferred
+from .ids import as_uuid
 
 HEADER = "Idempotency-Key"
 KEY_MAX_LENGTH = 255
@@ -96,10 +97,6 @@ def request_hash(method, path, body):
 
 
 
-def _id(value):
-    return (value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))).hex
-
-
 def run(user_id, key, fingerprint, action, *, on_error, ttl=DEFAULT_TTL):
     """Run ``action`` once per (user, key) within ``ttl`` seconds; return an ``Outcome``.
 
@@ -114,7 +111,7 @@ def run(user_id, key, fingerprint, action, *, on_error, ttl=DEFAULT_TTL):
             status, body = action()
         return Outcome(status, body, False)
 
-    user = _id(user_id)
+    user = as_uuid(user_id).hex
     # Twice at most: the second attempt follows the deletion of a lapsed row,
     # so any row it meets was written moments ago by a twin and replays.
     for _ in range(2):

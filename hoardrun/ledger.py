@@ -27,7 +27,7 @@ import peewee as pw
 from . import errors
 from .clock import utcnow
 from .db import db, driver_error, to_utc
-from .ids import parse_id
+from .ids import as_uuid, parse_id
 from .models import CARD_CHANNELS, INVESTMENT_TYPES, InstrumentPrice, Investment
 from .money import MAX_MINOR_UNITS, get_currency
 
@@ -708,10 +708,9 @@ def _posting(row):
     (movement_id, currency, amount, debit_account, debit_entry, debit_balance,
      credit_account, credit_entry, credit_balance, posted_at) = row
     return Posting(
-        movement_id=uuid.UUID(str(movement_id)), currency=currency, amount=int(amount),
-        debit=Leg(uuid.UUID(str(debit_account)), uuid.UUID(str(debit_entry)), int(debit_balance)),
-        credit=Leg(uuid.UUID(str(credit_account)), uuid.UUID(str(credit_entry)),
-                   int(credit_balance)),
+        movement_id=as_uuid(movement_id), currency=currency, amount=int(amount),
+        debit=Leg(as_uuid(debit_account), as_uuid(debit_entry), int(debit_balance)),
+        credit=Leg(as_uuid(credit_account), as_uuid(credit_entry), int(credit_balance)),
         posted_at=to_utc(posted_at),
     )
 

@@ -77,6 +77,23 @@ def _field_errors(validation_error):
     return out
 
 
+def _has_nul(value):
+    """Whether any text in ``value`` (validated input) holds a NUL: the cheap test that
+    runs on every request; ``_nul_fields`` names the fields only when one does."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, BaseModel):
+        value = value.__dict__.values()
+    elif isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return False
+    for item in value:
+        if _has_nul(item):
+            return True
+    return False
+
+
 def _nul_fields(value, path=""):
     """Dotted names of the text fields in ``value`` (validated input) holding a NUL."""
     if isinstance(value, str):
@@ -106,8 +123,10 @@ def _before(req, resp, req_validation_error, instance, model_adapter):
         errors = _field_errors(req_validation_error)
         fields = ", ".join(e["field"] for e in errors)
         raise ValidationError(f"Invalid input: {fields}", errors=errors)
-    nul = [name for part in ("query", "json", "headers")
-           for name in _nul_fields(getattr(req.context, part, None))]
+    inputs = [getattr(req.context, part, None) for part in ("query", "json", "headers")]
+    if not any(_has_nul(value) for value in inputs):
+        return
+    nul = [name for value in inputs for name in _nul_fields(value)]
     if nul:
         raise ValidationError(f"Invalid input: {', '.join(nul)} contains a NUL character",
                               errors=[{"field": name, "detail": "must not contain a NUL "
