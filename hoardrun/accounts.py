@@ -6,13 +6,13 @@ exist. Every state change writes an audit row in the same transaction.
 """
 
 import secrets
-import uuid
 
 import peewee as pw
 
 from . import audit, errors
 from .clock import utcnow
 from .db import db
+from .ids import as_uuid
 from .models import ACCOUNT_TYPES, SETTLEMENT, Account, Card, Investment
 from .text import clean_text
 from .money import get_currency
@@ -307,7 +307,7 @@ def _lock_owner(user_id):
     UPDATE still excludes a second primary-account change, and no insert.
     """
     db.execute_sql("SELECT id FROM users WHERE id = %s FOR NO KEY UPDATE",
-                   (_uuid(user_id).hex,))
+                   (as_uuid(user_id).hex,))
 
 
 def _demote_primary(user_id):
@@ -320,6 +320,3 @@ def _demote_primary(user_id):
 def _now():
     return utcnow()
 
-
-def _uuid(value):
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
