@@ -144,7 +144,7 @@ def _hex(value):
 
 
 def _uuid(value):
-    return None if value is None else uuid.UUID(str(value))
+    return None if value is None else as_uuid(value)
 
 
 def _as_uuid(value, field_name):
