@@ -48,14 +48,15 @@ def iso_utc(value):
 
 
 def _default(value):
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise ValueError("a non-finite Decimal cannot be written as JSON")
-        return str(value)
+    # Most frequent first: a history page asks about ~100 ids and 20 times.
     if isinstance(value, UUID):
         return str(value)
     if isinstance(value, datetime):
         return iso_utc(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("a non-finite Decimal cannot be written as JSON")
+        return str(value)
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, (set, frozenset, tuple)):
