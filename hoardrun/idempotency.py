@@ -68,8 +68,9 @@ def check_key(key):
     """Return ``key`` if usable (1-255 printable ASCII characters), else ValidationError."""
     if key is None:
         return None
+    # ASCII and printable is " " to "~"; without the space, "!" to "~".
     if (not isinstance(key, str) or not 1 <= len(key) <= KEY_MAX_LENGTH
-            or not all(" " < ch <= "~" for ch in key)):
+            or not (key.isascii() and key.isprintable()) or " " in key):
         raise errors.ValidationError(
             f"{HEADER} must be 1 to {KEY_MAX_LENGTH} printable ASCII characters without spaces",
             field=HEADER)

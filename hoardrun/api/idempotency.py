@@ -57,14 +57,18 @@ def idempotent(req, resp, action, location_prefix, *, kind, status=201):
     fingerprint = idempotency.request_hash(req.method, req.path,
                                            req.get_media(default_when_empty={}))
     refusals = []
+    made = {}
+
+    def act():
+        body = made["body"] = action()
+        return status, dumps(body)
 
     def refused(exc):
         refusals.append(exc.code)
         return _problem(req, exc)
 
     try:
-        outcome = idempotency.run(req.context.user.id, key, fingerprint,
-                                  lambda: (status, dumps(action())), on_error=refused,
+        outcome = idempotency.run(req.context.user.id, key, fingerprint, act, on_error=refused,
                                   ttl=req.context.idempotency_ttl)
     except errors.HoardRunError as exc:
         if exc.status < 500:  # without a key a refusal propagates as the problem itself
@@ -80,6 +84,8 @@ def idempotent(req, resp, action, location_prefix, *, kind, status=201):
     resp.content_type = JSON if outcome.status < 400 else PROBLEM_JSON
     resp.data = outcome.body.encode("utf-8")
     if outcome.status == 201 and location_prefix is not None:
-        resp.location = f"{location_prefix}/{json.loads(outcome.body)['id']}"
+        # A replay's body is all there is; a first answer's dict is still at hand.
+        made_id = made["body"]["id"] if not outcome.replayed else json.loads(outcome.body)["id"]
+        resp.location = f"{location_prefix}/{made_id}"
     if key is not None:
         resp.set_header(REPLAYED_HEADER, "true" if outcome.replayed else "false")
