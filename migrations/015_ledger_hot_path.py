@@ -129,82 +129,8 @@ LANGUAGE sql STABLE AS $$
      WHERE h.account_id = p_account AND h.status = 'active' AND h.expires_at > p_at
 $$"""
 
-APPLY_PAIR_AT = r"""
-CREATE OR REPLACE FUNCTION hoardrun_apply_pair_at(
-    p_movement uuid, p_debit uuid, p_credit uuid, p_amount bigint, p_currency text,
-    p_debit_type text, p_credit_type text, p_description text,
-    p_transfer uuid, p_p2p uuid, p_card uuid, p_merchant_name text, p_merchant_category text,
-    p_reverses_debit uuid, p_reverses_credit uuid, p_refund_of uuid,
-    p_posted_at timestamptz, p_symbol text, p_quantity numeric)
-RETURNS hoardrun_posting LANGUAGE plpgsql AS $$
-DECLARE
-    r hoardrun_posting;
-    v_debit_seq bigint;
-    v_debit_prev bytea;
-    v_credit_seq bigint;
-    v_credit_prev bytea;
-    v_debit_symbol text := CASE WHEN p_debit_type <> 'settlement' THEN p_symbol END;
-    v_debit_quantity numeric := CASE WHEN p_debit_type <> 'settlement' THEN p_quantity END;
-    v_credit_symbol text := CASE WHEN p_credit_type <> 'settlement' THEN p_symbol END;
-    v_credit_quantity numeric := CASE WHEN p_credit_type <> 'settlement' THEN p_quantity END;
-    v_debit transactions;
-    v_credit transactions;
-BEGIN
-    -- Callers have locked both rows with hoardrun_lock_pair in this transaction
-    -- and read p_posted_at after the locks (clock_timestamp(), not now(), the
-    -- transaction's start), so one account's entries sort by time in the order
-    -- their balances were written.
-    IF p_debit = p_credit THEN
-        -- One UPDATE below would move the account once, not out and back in.
-        RAISE EXCEPTION USING ERRCODE = 'HR004',
-            MESSAGE = 'source and destination are the same account';
-    END IF;
-    r.posted_at := p_posted_at;
-    -- Both balances in one statement: the executor's start-up and the accounts'
-    -- CHECKs are paid once, not once per side.
-    WITH moved AS (
-        UPDATE accounts
-           SET balance = balance + CASE WHEN id = p_debit THEN -p_amount ELSE p_amount END,
-               updated_at = now()
-         WHERE id IN (p_debit, p_credit)
-        RETURNING id, balance)
-    SELECT max(m.balance) FILTER (WHERE m.id = p_debit),
-           max(m.balance) FILTER (WHERE m.id = p_credit)
-      INTO r.debit_balance, r.credit_balance FROM moved m;
-    -- Each account's chain: its latest entry (an index seek; the account's row
-    -- lock, held since hoardrun_lock_pair, keeps anyone else from appending).
-    SELECT t.seq, t.chain_hash INTO v_debit_seq, v_debit_prev FROM transactions t
-     WHERE t.account_id = p_debit ORDER BY t.seq DESC LIMIT 1;
-    SELECT t.seq, t.chain_hash INTO v_credit_seq, v_credit_prev FROM transactions t
-     WHERE t.account_id = p_credit ORDER BY t.seq DESC LIMIT 1;
-    v_debit_seq := coalesce(v_debit_seq, 0) + 1;
-    v_credit_seq := coalesce(v_credit_seq, 0) + 1;
-    r.debit_entry := gen_random_uuid();
-    r.credit_entry := gen_random_uuid();
-    -- A trade's symbol and quantity go on the customer's leg, never the settlement one.
-    v_debit := hoardrun_entry(
-        v_debit_prev, r.debit_entry, p_debit, v_debit_seq, p_movement, p_debit_type,
-        'outbound', p_amount, p_currency, r.debit_balance, p_description, p_merchant_name,
-        p_merchant_category, p_card, p_transfer, p_p2p, p_reverses_debit, NULL, r.posted_at,
-        v_debit_symbol, v_debit_quantity);
-    v_credit := hoardrun_entry(
-        v_credit_prev, r.credit_entry, p_credit, v_credit_seq, p_movement, p_credit_type,
-        'inbound', p_amount, p_currency, r.credit_balance, p_description, p_merchant_name,
-        p_merchant_category, p_card, p_transfer, p_p2p, p_reverses_credit, p_refund_of,
-        r.posted_at, v_credit_symbol, v_credit_quantity);
-    INSERT INTO transactions SELECT * FROM unnest(ARRAY[v_debit, v_credit]);
-    r.movement_id := p_movement;
-    r.currency := p_currency;
-    r.amount := p_amount;
-    r.debit_account := p_debit;
-    r.credit_account := p_credit;
-    RETURN r;
-END
-$$"""
-
-
-# 014's writer, verbatim (peewee-migrate runs a migration's text without ``__file__``,
-# so an earlier migration cannot be loaded from here).
+# The writer as 014 left it, verbatim: the rollback puts it back (peewee-migrate
+# runs a migration's text without ``__file__``, so 014's module cannot be loaded).
 PREVIOUS_APPLY_PAIR_AT = r"""
 CREATE OR REPLACE FUNCTION hoardrun_apply_pair_at(
     p_movement uuid, p_debit uuid, p_credit uuid, p_amount bigint, p_currency text,
@@ -265,6 +191,36 @@ BEGIN
     RETURN r;
 END
 $$"""
+
+# 014's two UPDATEs, one per side ...
+TWO_UPDATES = """    r.posted_at := p_posted_at;
+    UPDATE accounts SET balance = balance - p_amount, updated_at = now()
+     WHERE id = p_debit RETURNING balance INTO r.debit_balance;
+    UPDATE accounts SET balance = balance + p_amount, updated_at = now()
+     WHERE id = p_credit RETURNING balance INTO r.credit_balance;
+"""
+# ... become one UPDATE of both rows, behind a guard against one account on both sides.
+ONE_UPDATE = """    IF p_debit = p_credit THEN
+        -- One UPDATE below would move the account once, not out and back in.
+        RAISE EXCEPTION USING ERRCODE = 'HR004',
+            MESSAGE = 'source and destination are the same account';
+    END IF;
+    r.posted_at := p_posted_at;
+    -- Both balances in one statement: the executor's start-up and the accounts'
+    -- CHECKs are paid once, not once per side.
+    WITH moved AS (
+        UPDATE accounts
+           SET balance = balance + CASE WHEN id = p_debit THEN -p_amount ELSE p_amount END,
+               updated_at = now()
+         WHERE id IN (p_debit, p_credit)
+        RETURNING id, balance)
+    SELECT max(m.balance) FILTER (WHERE m.id = p_debit),
+           max(m.balance) FILTER (WHERE m.id = p_credit)
+      INTO r.debit_balance, r.credit_balance FROM moved m;
+"""
+assert PREVIOUS_APPLY_PAIR_AT.count(TWO_UPDATES) == 1
+#: 015's writer: 014's with TWO_UPDATES replaced by ONE_UPDATE, nothing else.
+APPLY_PAIR_AT = PREVIOUS_APPLY_PAIR_AT.replace(TWO_UPDATES, ONE_UPDATE)
 
 
 def migrate(migrator, database, *, fake=False):
