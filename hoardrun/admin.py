@@ -11,7 +11,7 @@ from . import audit, errors, ledger
 from .auth import utcnow
 from .cursors import page_query
 from .db import db
-from .ids import parse_id
+from .ids import as_uuid, parse_id
 from .models import SETTLEMENT, Account, AuditLog, Transaction
 from .text import clean_text
 
@@ -106,7 +106,7 @@ def list_audit(*, secret, entity_type=None, entity_id=None, actor_id=None, actio
         query = query.where(AuditLog.entity_id == entity_id)
     if actor_id:
         try:
-            actor = actor_id if isinstance(actor_id, uuid.UUID) else uuid.UUID(str(actor_id))
+            actor = as_uuid(actor_id)
         except ValueError:
             raise errors.ValidationError("actor_id must be a UUID", field="actor_id") from None
         query = query.where(AuditLog.actor == actor)

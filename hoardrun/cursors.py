@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from . import errors
+from .ids import as_uuid
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -98,7 +99,7 @@ def page_of(rows, limit, make, secret, scope, filters, created_index):
     next_cursor = None
     if more:
         last = rows[-1]
-        next_cursor = encode_cursor(secret, scope, filters, last[created_index], uuid.UUID(str(last[0])))
+        next_cursor = encode_cursor(secret, scope, filters, last[created_index], as_uuid(last[0]))
     return Page([make(row) for row in rows], next_cursor, limit)
 
 

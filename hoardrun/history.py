@@ -258,8 +258,8 @@ def entries_cursor(secret, account_id, created_raw, entry_id):
     Operators' tools (the bench's deep pages) use it to start deep in a long
     history without paging there; clients only ever get cursors from pages.
     """
-    return encode_cursor(secret, _entries_scope(uuid.UUID(str(account_id))), _entry_filters(),
-                         created_raw, uuid.UUID(str(entry_id)))
+    return encode_cursor(secret, _entries_scope(as_uuid(account_id)), _entry_filters(),
+                         created_raw, as_uuid(entry_id))
 
 
 def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, type=None,
@@ -274,7 +274,7 @@ def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, typ
     the description, case-insensitive, wildcards taken literally).
     """
     limit = check_limit(limit)
-    me = uuid.UUID(str(user_id))
+    me = as_uuid(user_id)
     account_id, currency = _owned_account(me, account_id)
     _choice(type, ENTRY_TYPES, "type")
     _choice(direction, DIRECTIONS, "direction")
@@ -326,7 +326,7 @@ def account_entries(user_id, account_id, *, secret, limit=None, cursor=None, typ
 
 def entry(user_id, entry_id):
     """One entry on one of my accounts, or NotFound."""
-    me = uuid.UUID(str(user_id))
+    me = as_uuid(user_id)
     entry_id = _as_uuid(entry_id, "transaction_id")
     row = db.execute_sql(
         _ENTRY_SELECT + "JOIN accounts a ON a.id = t.account_id "
@@ -367,7 +367,7 @@ def _transfer(row):
 def transfers(user_id, *, secret, limit=None, cursor=None, account_id=None, status=None):
     """A page of my transfers, newest first; optionally those touching ``account_id``."""
     limit = check_limit(limit)
-    me = uuid.UUID(str(user_id))
+    me = as_uuid(user_id)
     _choice(status, MOVEMENT_STATUSES, "status")
     conditions, params = ["m.user_id = %s"], [me.hex]
     if account_id is not None:
@@ -439,7 +439,7 @@ def payments(user_id, *, secret, limit=None, cursor=None, direction=None, status
     ``direction`` is ``sent`` or ``received`` (default both).
     """
     limit = check_limit(limit)
-    me = uuid.UUID(str(user_id))
+    me = as_uuid(user_id)
     _choice(direction, ("sent", "received"), "direction")
     _choice(status, MOVEMENT_STATUSES, "status")
     if direction == "sent":
@@ -462,7 +462,7 @@ def payments(user_id, *, secret, limit=None, cursor=None, direction=None, status
 
 def payment(user_id, payment_id):
     """One P2P payment I sent or received, or NotFound."""
-    me = uuid.UUID(str(user_id))
+    me = as_uuid(user_id)
     payment_id = _as_uuid(payment_id, "payment_id")
     row = db.execute_sql(
         _P2P_SELECT + "WHERE p.id = %s AND (p.sender_id = %s OR p.recipient_id = %s)",

@@ -24,7 +24,7 @@ from . import audit, errors, ledger
 from .cards import merchant_details
 from .clock import utcnow
 from .db import db
-from .ids import parse_id
+from .ids import as_uuid, parse_id
 from .money import format_amount, parse_amount
 
 DEFAULT_EXPIRY_DAYS = ledger.HOLD_DEFAULT_EXPIRY.days
@@ -155,7 +155,7 @@ def get(user_id, hold_id, *, now=None):
     hold = ledger.hold_from_row(row[:len(ledger.HOLD_COLUMNS)])
     entry, balance_after = row[len(ledger.HOLD_COLUMNS):]
     return Authorization(hold, effective_status(hold, now),
-                         payment_id=None if entry is None else uuid.UUID(str(entry)),
+                         payment_id=None if entry is None else as_uuid(entry),
                          balance_after=None if balance_after is None else int(balance_after))
 
 

@@ -139,10 +139,10 @@ def hold_from_row(row):
     (hold_id, user_id, card_id, account_id, amount, currency, status, captured,
      movement, merchant_name, merchant_category, channel, international, description,
      created_at, expires_at, resolved_at) = row
-    return Hold(uuid.UUID(str(hold_id)), uuid.UUID(str(user_id)), uuid.UUID(str(card_id)),
-                uuid.UUID(str(account_id)), int(amount), currency, status,
+    return Hold(as_uuid(hold_id), as_uuid(user_id), as_uuid(card_id),
+                as_uuid(account_id), int(amount), currency, status,
                 None if captured is None else int(captured),
-                None if movement is None else uuid.UUID(str(movement)), merchant_name,
+                None if movement is None else as_uuid(movement), merchant_name,
                 merchant_category, channel, bool(international), description,
                 to_utc(created_at), to_utc(expires_at), to_utc(resolved_at))
 
@@ -568,7 +568,7 @@ def settlement_account_ids(currency):
     A currency has as many as its cash movements have needed at once (none
     before its first one); together they stand for the world outside.
     """
-    return [uuid.UUID(str(account_id)) for (account_id,) in db.execute_sql(
+    return [as_uuid(account_id) for (account_id,) in db.execute_sql(
         "SELECT id FROM accounts WHERE type = 'settlement' AND currency = %s "
         "ORDER BY settlement_bucket", (currency,))]
 
@@ -632,7 +632,7 @@ class _PostgresLedger:
             raise _translate_pg(exc) from None
         posting = _posting(row[:10])
         holding_id, price, held, basis = row[10:]
-        return Trade(posting, uuid.UUID(str(holding_id)), symbol, quantity, Decimal(price),
+        return Trade(posting, as_uuid(holding_id), symbol, quantity, Decimal(price),
                      posting.amount, Decimal(held), int(basis))
 
     def authorize(self, hold_id, user_id, card_id, amount, currency, merchant_name,

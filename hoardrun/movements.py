@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from . import audit, errors, history, ledger
 from .auth import normalise_email
 from .db import db
-from .ids import parse_id
+from .ids import as_uuid, parse_id
 from .money import format_amount, parse_amount
 from .text import clean_text
 
@@ -177,7 +177,7 @@ def find_recipient(sender_id, *, email=None, user_id=None, currency=None):
         "LEFT JOIN users u ON " + condition + " AND " + _PAYABLE_USER + " "
         "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
         "WHERE s.id = %s",
-        (value, True, uuid.UUID(str(sender_id)).hex)).fetchone()
+        (value, True, as_uuid(sender_id).hex)).fetchone()
     if sender is None or not sender[0]:
         raise _sender_not_verified()
     return _judge_recipient(sender_id, sender[1:], currency)
@@ -199,8 +199,8 @@ def _judge_recipient(sender_id, row, currency):
     """
     if row[0] is None:
         raise _no_recipient()
-    recipient = uuid.UUID(str(row[0]))
-    if recipient == uuid.UUID(str(sender_id)):
+    recipient = as_uuid(row[0])
+    if recipient == as_uuid(sender_id):
         raise errors.SameAccount("you cannot pay yourself; use a transfer between your accounts",
                                  field="recipient")
     # Read without a lock: the ledger re-checks status and currency under its
@@ -208,7 +208,7 @@ def _judge_recipient(sender_id, row, currency):
     # or currency-mismatch), never paid.
     if row[3] is None or row[4] != "active" or (currency is not None and row[5] != currency):
         raise _no_recipient()
-    return recipient, history.display_name(row[1], row[2]), uuid.UUID(str(row[3]))
+    return recipient, history.display_name(row[1], row[2]), as_uuid(row[3])
 
 
 def find_recipients(sender_id, targets):
@@ -235,7 +235,7 @@ def find_recipients(sender_id, targets):
         "LEFT JOIN users u ON (u.email = q.email OR u.id = q.uid) AND " + _PAYABLE_USER + " "
         "LEFT JOIN accounts a ON a.user_id = u.id AND a.is_primary = %s "
         "WHERE s.id = %s ORDER BY q.n",
-        (emails, ids, True, uuid.UUID(str(sender_id)).hex)).fetchall()
+        (emails, ids, True, as_uuid(sender_id).hex)).fetchall()
     if not rows or not rows[0][0]:
         raise _sender_not_verified()
     found = []
@@ -276,7 +276,7 @@ def _primary_account(user_id):
     if row is None:
         raise errors.NotFound("you have no primary account; give from_account_id",
                               field="from_account_id")
-    return uuid.UUID(str(row[0]))
+    return as_uuid(row[0])
 
 
 def p2p(user_id, amount, *, recipient_email=None, recipient_user_id=None,
@@ -457,7 +457,7 @@ def _unfunded_legs(planned):
     available = dict(db.execute_sql(
         "SELECT id, balance + overdraft_limit - hoardrun_held(id, now()) FROM accounts "
         "WHERE id = ANY(%s::uuid[])", ([s.hex for s in sources],)).fetchall())
-    available = {uuid.UUID(str(k)): v for k, v in available.items()}
+    available = {as_uuid(k): v for k, v in available.items()}
     unfunded = []
     for index, plan in enumerate(planned):
         if plan is None:

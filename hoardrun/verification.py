@@ -34,6 +34,7 @@ import peewee as pw
 
 from . import audit, auth, errors, users
 from .db import db
+from .ids import as_uuid
 from .mail import Mailer
 from .models import User
 from .security import check_password_policy, hash_password
@@ -174,7 +175,7 @@ def verify_email(user_id, code, *, settings, mailer, request_id=None, now=None):
         if user.email_verified and user.pending_email is None:
             raise errors.Conflict("your email address is already verified")
         raise _no_code()
-    code_id, email, stored = uuid.UUID(str(row[0])), row[1], row[2]
+    code_id, email, stored = as_uuid(row[0]), row[1], row[2]
     # The guess is counted (and committed) before it is compared.
     counted = db.execute_sql(
         "UPDATE email_codes SET attempts = attempts + 1 WHERE id = %s AND used_at IS NULL "
@@ -323,7 +324,7 @@ def reset_password(token, new_password, *, settings, mailer, request_id=None, no
         (_digest(settings.secret_key, RESET, token), now)).fetchone()
     if row is None:
         raise _bad_token()
-    code_id, user_id, email = uuid.UUID(str(row[0])), uuid.UUID(str(row[1])), row[2]
+    code_id, user_id, email = as_uuid(row[0]), as_uuid(row[1]), row[2]
     user = users.get_user(user_id)
     if user.email != email or user.status != "active":
         raise _bad_token()
